@@ -1,0 +1,87 @@
+"""DATA: the shard reader memory-maps and refuses every corrupt input with an error naming the file."""
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import write_shard
+
+
+def test_shard_roundtrip(tmp_path):
+    """Tokens written in the challenge format read back identical."""
+    tokens = np.random.default_rng(0).integers(0, 1024, size=1000)
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    assert np.array_equal(train_gpt.load_shard(tmp_path / "fineweb_train_000000.bin", 1024), tokens)
+
+
+def _corrupt(path, how):
+    write_shard(path, np.arange(100) % 50)
+    data = bytearray(path.read_bytes())
+    if how == "magic":
+        data[0] ^= 0xFF
+    elif how == "version":
+        data[4] = 7
+    elif how == "truncated":
+        data = data[:-10]
+    elif how == "short":
+        data = data[:100]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, needle", [("magic", "magic"), ("version", "version"), ("truncated", "bytes"), ("short", "header")])
+def test_corrupt_shard_is_an_error_naming_the_file(tmp_path, how, needle):
+    """Bad magic, bad version, wrong size and a cut header each raise ConfigError with the path."""
+    path = tmp_path / "fineweb_val_000000.bin"
+    _corrupt(path, how)
+    with pytest.raises(train_gpt.ConfigError, match=needle) as error:
+        train_gpt.load_shard(path, 1024)
+    assert str(path) in str(error.value)
+
+
+def test_token_id_at_or_above_vocab_is_an_error(tmp_path):
+    """A token id >= VOCAB_SIZE (shards from a bigger tokenizer) is refused, naming file and position."""
+    path = tmp_path / "fineweb_train_000000.bin"
+    tokens = np.zeros(500, dtype=np.int64)
+    tokens[321] = 1024
+    write_shard(path, tokens)
+    with pytest.raises(train_gpt.ConfigError, match="position 321") as error:
+        train_gpt.load_shard(path, 1024)
+    assert str(path) in str(error.value)
+
+
+def test_missing_shards_name_the_fix(tmp_path):
+    """An empty DATA_PATH says where to get data."""
+    with pytest.raises(train_gpt.ConfigError, match="tokenize_corpus"):
+        train_gpt.shard_paths(tmp_path, "train")
+
+
+def test_loader_global_batch_is_independent_of_world_size(tmp_path):
+    """Two ranks with one micro-batch each see exactly the tokens one rank sees in two micro-batches."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5000) % 1000)
+    paths = [tmp_path / "fineweb_train_000000.bin"]
+    import torch
+    single = train_gpt.DistributedTokenLoader(paths, 1024, 0, 1, torch.device("cpu"))
+    ranks = [train_gpt.DistributedTokenLoader(paths, 1024, r, 2, torch.device("cpu")) for r in range(2)]
+    for _ in range(3):
+        one = [single.next_batch(128, 64)[0] for _ in range(2)]
+        two = [loader.next_batch(256, 64)[0] for loader in ranks]
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_tokenizer_vocab_mismatch_is_an_error():
+    """A tokenizer whose size differs from VOCAB_SIZE is refused (not a warning)."""
+    from conftest import SP1024, require_shared
+    require_shared()
+    with pytest.raises(train_gpt.ConfigError, match="VOCAB_SIZE"):
+        train_gpt.load_tokenizer(str(SP1024), 8192)
+
+
+def test_data_meta_with_other_tokenizer_is_an_error(tmp_path):
+    """meta.json that names another tokenizer (sha256) than TOKENIZER_PATH is refused."""
+    import json
+    from conftest import SP1024, require_shared
+    require_shared()
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1024, "tokenizer_sha256": "0" * 64, "tokenizer_path": "x"}))
+    with pytest.raises(train_gpt.ConfigError, match="sha256"):
+        train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 1024)
+    with pytest.raises(train_gpt.ConfigError, match="vocab size"):
+        train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 8192)

@@ -1,0 +1,111 @@
+"""QUANTIZE + EXPORT: packing, exact fresh-process reload, determinism, corrupt-artifact errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO, tiny_model
+
+
+@pytest.mark.parametrize("count", [1, 4, 5, 6, 127, 128, 129, 1000, 4099])
+def test_ternary_pack_roundtrip_is_exact(count):
+    """base-3 and bitmask packing both roundtrip any length, including non-multiples of 5 and of 8."""
+    codes = np.random.default_rng(count).integers(-1, 2, size=count).astype(np.int8)
+    assert np.array_equal(train_gpt.unpack_base3(train_gpt.pack_base3(codes), count), codes)
+    assert np.array_equal(train_gpt.unpack_bitmask(train_gpt.pack_bitmask(codes), count), codes)
+    encoding, data = train_gpt.pack_ternary(codes)
+    assert np.array_equal(train_gpt.unpack_ternary(encoding, data, count), codes)
+    assert len(train_gpt.pack_base3(codes)) == -(-count // 5)
+
+
+def test_sparse_codes_choose_the_bitmask():
+    """Mostly-zero codes pack smaller as a bitmask, and the smaller one is kept."""
+    codes = np.zeros(1000, dtype=np.int8)
+    codes[::50] = 1
+    assert train_gpt.pack_ternary(codes)[0] == "bitmask"
+
+
+def _trained_tiny_model(**overrides):
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def test_artifact_is_deterministic():
+    """The same weights and config give a byte-identical artifact."""
+    model = _trained_tiny_model()
+    assert train_gpt.compress_payload(train_gpt.serialize_model(model)) == train_gpt.compress_payload(train_gpt.serialize_model(model))
+
+
+RELOAD_SCRIPT = """
+import sys, torch, json
+sys.path.insert(0, {repo!r})
+import train_gpt
+model = train_gpt.load_model_from_artifact({path!r}, "cpu").eval()
+x = torch.load({batch!r})
+with torch.no_grad():
+    nll = model.token_nll(x[0], x[1])
+codes = {{n: m.quantize()[0].tolist() for n, m in model.named_modules() if isinstance(m, train_gpt.TernaryLinear)}}
+torch.save((nll, codes), {result!r})
+"""
+
+
+@pytest.mark.parametrize("fp_storage", ["fp16", "fp8", "fp4"])
+def test_fresh_process_reload_is_exact(tmp_path, fp_storage):
+    """A fresh process rebuilds the model from the artifact alone: ternary codes bit-identical, NLL identical."""
+    model = _trained_tiny_model(FP_STORAGE=fp_storage).eval()
+    path = tmp_path / "model.skc"
+    train_gpt.write_artifact(path, train_gpt.compress_payload(train_gpt.serialize_model(model)))
+    torch.manual_seed(3)
+    batch = (torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
+    torch.save(batch, tmp_path / "batch.pt")
+    script = RELOAD_SCRIPT.format(repo=str(REPO), path=str(path), batch=str(tmp_path / "batch.pt"), result=str(tmp_path / "out.pt"))
+    subprocess.run([sys.executable, "-c", script], check=True)
+    nll, codes = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        assert torch.equal(nll, model.token_nll(*batch))
+    for name, module in model.named_modules():
+        if isinstance(module, train_gpt.TernaryLinear):
+            assert codes[name] == module.quantize()[0].tolist()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "codec", "flip", "empty"])
+def test_corrupt_artifact_gives_a_clear_error(tmp_path, damage):
+    """Truncated, unknown-codec, bit-flipped or empty artifacts raise ConfigError naming the file."""
+    blob = bytearray(train_gpt.compress_payload(train_gpt.serialize_model(tiny_model())))
+    blob = {"truncate": blob[: len(blob) // 2], "codec": b"\x07" + blob[1:], "empty": b"",
+            "flip": blob[:100] + bytes([blob[100] ^ 0xFF]) + blob[101:]}[damage]
+    path = tmp_path / "bad.skc"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(train_gpt.ConfigError) as error:
+        train_gpt.load_model_from_artifact(path, "cpu")
+    assert str(path) in str(error.value)
+
+
+def test_artifact_of_another_config_is_refused(tmp_path):
+    """An artifact whose tensor table does not match its config is refused with a clear message."""
+    model = tiny_model()
+    payload = train_gpt.serialize_model(model)
+    header_len = int.from_bytes(payload[5:9], "little")
+    header = json.loads(payload[9:9 + header_len])
+    header["config"]["num_layers"] = 5
+    new_header = json.dumps(header, sort_keys=True).encode()
+    payload = payload[:5] + len(new_header).to_bytes(4, "little") + new_header + payload[9 + header_len:]
+    path = tmp_path / "other.skc"
+    train_gpt.write_artifact(path, train_gpt.compress_payload(payload))
+    with pytest.raises(train_gpt.ConfigError, match="lacks tensors"):
+        train_gpt.load_model_from_artifact(path, "cpu")
+
+
+def test_export_report_accounts_for_every_payload_byte():
+    """The per-class byte report sums to the payload minus the header."""
+    model = tiny_model()
+    payload = train_gpt.serialize_model(model)
+    header_len = int.from_bytes(payload[5:9], "little")
+    assert sum(train_gpt.export_report(model).values()) == len(payload) - 9 - header_len

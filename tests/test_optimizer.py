@@ -1,0 +1,56 @@
+"""OPTIMIZER + SCHEDULES."""
+import torch
+
+import train_gpt
+
+
+def test_muon_update_is_orthogonalized():
+    """Newton-Schulz output has singular values near 1 (the quintic's band is about 0.7..1.2)."""
+    torch.manual_seed(0)
+    for shape in [(32, 64), (64, 32), (48, 48)]:
+        s = torch.linalg.svdvals(train_gpt.newton_schulz5(torch.randn(shape), 5).float())
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
+
+
+def test_muon_weight_decay_only_touches_params_with_gradient():
+    """A matrix with a zero gradient neither decays nor moves; one with a gradient does both."""
+    a, b = torch.nn.Parameter(torch.ones(4, 8)), torch.nn.Parameter(torch.ones(4, 8))
+    opt = train_gpt.Muon([a, b], lr=0.1, momentum=0.9, backend_steps=5, row_equilibrate=1, weight_decay=0.5)
+    a.grad, b.grad = torch.randn(4, 8), torch.zeros(4, 8)
+    opt.step()
+    assert not torch.equal(a.data, torch.ones(4, 8))
+    assert torch.equal(b.data, torch.ones(4, 8))
+
+
+def test_lr_schedule_is_a_function_of_the_budget_fraction():
+    """Warm-up ramps to 1, the middle is 1, warm-down reaches 0 at the end of the budget."""
+    f = train_gpt.lr_scale
+    assert f(0.01, 0.02, 0.4) == 0.5
+    assert f(0.3, 0.02, 0.4) == 1.0
+    assert abs(f(0.8, 0.02, 0.4) - 0.5) < 1e-9
+    assert f(1.0, 0.02, 0.4) == 0.0
+
+
+def test_muon_momentum_warmup():
+    """Momentum ramps linearly from start to end."""
+    assert train_gpt.muon_momentum(0, 0.85, 0.95, 100) == 0.85
+    assert abs(train_gpt.muon_momentum(50, 0.85, 0.95, 100) - 0.90) < 1e-12
+    assert train_gpt.muon_momentum(500, 0.85, 0.95, 100) == 0.95
+
+
+def test_ema_starts_from_live_weights_and_applies_once():
+    """The shadow is a copy of the live weights at the start fraction; applying twice is refused."""
+    import pytest
+    model = torch.nn.Linear(3, 3)
+    ema = train_gpt.EMA(0.5, start_fraction=0.5)
+    ema.update(model, 0.4)
+    assert ema.shadow is None
+    ema.update(model, 0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model, 0.6)
+    ema.apply_to(model)
+    assert torch.allclose(model.weight, start + 1.0)
+    with pytest.raises(RuntimeError):
+        ema.apply_to(model)
