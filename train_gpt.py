@@ -599,12 +599,17 @@ class ModelConfig:
         return cls(**d)
 
 
+BOS_ID = 1  # the challenge tokenizers' <s>; one precedes every document
+
+
 @dataclass
 class Context:
-    """Per-forward state shared by the layers (never stored on a module): token ids, rotary tables, aux losses."""
+    """Per-forward state shared by the layers (never stored on a module): token ids, rotary tables, aux losses
+    (each already weighted; the model adds them to the loss), and the training progress (0-d tensor in [0, 1])."""
     input_ids: torch.Tensor
     rope: tuple
     aux_losses: list
+    progress: torch.Tensor
 
 
 def rms_norm(x):
@@ -758,7 +763,13 @@ class GPT(nn.Module):
         self.num_encoder = cfg.num_layers // 2
         num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
         self.skip_weights = tag(nn.Parameter(torch.ones(num_skips, d)), "scalar")
+        self.register_buffer("progress", torch.zeros(()), persistent=False)
         self._rope_cache = {}
+
+    def set_progress(self, fraction):
+        """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
+        that switch on or ramp with training read it from the Context. A reloaded model runs at 1.0."""
+        self.progress.fill_(float(fraction))
 
     def rope(self, seq_len, device):
         key = (seq_len, str(device))
@@ -770,7 +781,7 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids):
         """(B, T) token ids -> (B, T, D) final hidden states and the list of aux losses."""
-        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [])
+        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress)
         x = F.embedding(input_ids, self.tok_emb.effective_weight())
         if self.embed_in is not None:
             x = F.linear(x, self.embed_in.effective_weight().to(x.dtype))
@@ -1136,6 +1147,7 @@ def load_model_from_artifact(path, device):
                 state[name].copy_(arrays[0].view(state[name].shape))
             else:
                 module.load_quantized(arrays[0], arrays[1] if len(arrays) > 1 else None)
+    model.set_progress(1.0)
     return model.to(device)
 
 
@@ -1332,6 +1344,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
         # one optimizer step, timed
         t0 = time.perf_counter()
         fraction = training_fraction(step, train_seconds, hp)
+        base_model.set_progress(fraction)
         loss, scale = train_step(model, optimizers, loader, hp, run, accum, step, fraction)
         synchronize(run.device)
         stats = all_reduce_sum(torch.stack([torch.tensor(time.perf_counter() - t0, device=run.device), loss.float()]))
@@ -1495,6 +1508,7 @@ def main():
     steps, train_seconds, compile_seconds = train(model, base_model, optimizers, loader, hp, run, log, ema, validate)
     if ema:
         ema.apply_to(base_model)
+    base_model.set_progress(1.0)
     loss, bpb, _ = eval_stage(base_model, val_tokens, hp, tables, run, hp.eval_seq_len)
     log(kv("eval", stage="prequant", val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
 

@@ -80,3 +80,15 @@ def log_values(text, event, key):
                 if token.startswith(key + ":"):
                     values.append(token.split(":", 1)[1])
     return values
+
+
+def assert_causal(model, vocab=1024, seq_len=48, t=20):
+    torch.manual_seed(1)
+    x = torch.randint(0, vocab, (2, seq_len))
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randint(0, vocab, (2, seq_len - t - 1))
+    with torch.no_grad():
+        a = model.logits(model.hidden(x)[0])
+        b = model.logits(model.hidden(x2)[0])
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5), "future tokens changed past logits"
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:]), "perturbation had no effect at all (test is vacuous)"

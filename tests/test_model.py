@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import tiny_model
+from conftest import assert_causal, tiny_model
 
 
 @pytest.mark.parametrize("shape, group", [((8, 64), 32), ((5, 70), 32), ((3, 7), 128), ((16, 128), 128)])
@@ -67,18 +67,6 @@ def test_model_is_causal():
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
     model = tiny_model().eval()
     assert_causal(model)
-
-
-def assert_causal(model, vocab=1024, seq_len=48, t=20):
-    torch.manual_seed(1)
-    x = torch.randint(0, vocab, (2, seq_len))
-    x2 = x.clone()
-    x2[:, t + 1:] = torch.randint(0, vocab, (2, seq_len - t - 1))
-    with torch.no_grad():
-        a = model.logits(model.hidden(x)[0])
-        b = model.logits(model.hidden(x2)[0])
-    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5), "future tokens changed past logits"
-    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:]), "perturbation had no effect at all (test is vacuous)"
 
 
 @pytest.mark.parametrize("overrides", [dict(PARALLEL_RESIDUAL_START=2), dict(YARN_FACTOR=4.0, ROPE_DIMS=8),
