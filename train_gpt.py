@@ -1357,13 +1357,13 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
                                 f"{last_finite[0]}. No artifact was written. Lower MATRIX_LR / EMBED_LR or set GRAD_CLIP_NORM.")
         last_finite = (step, loss_value)
         ema.update(base_model, training_fraction(step, train_seconds, hp)) if ema else None
-        # log
-        if step % hp.train_log_every == 0 or step == 1:
+        # log (always the first and the last step)
+        stop = step >= hp.iterations or (hp.max_wallclock_seconds and train_seconds >= hp.max_wallclock_seconds)
+        if step % hp.train_log_every == 0 or step == 1 or stop:
             remaining = max(hp.max_wallclock_seconds - train_seconds, 0.0) if hp.max_wallclock_seconds else 0.0
             log(kv(f"step:{step}", train_loss=loss_value, lr_scale=scale, step_ms=1000 * train_seconds / step,
                    tok_s=int(tokens_per_step * step / max(train_seconds, 1e-9)), elapsed_s=train_seconds, remaining_s=remaining))
-        # stop at the step or wallclock budget
-        if step >= hp.iterations or (hp.max_wallclock_seconds and train_seconds >= hp.max_wallclock_seconds):
+        if stop:
             return step, train_seconds, compile_seconds
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""TRAIN + MAIN, end to end in fresh processes: DDP equivalence, NaN stop, compile warm-up, the smoke preset."""
+import json
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import SP1024, TINY, log_values, run_trainer, tiny_hparams, tiny_model
+
+
+def _env(tiny_data, tmp_path, **extra):
+    return dict(TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(SP1024), LOG_DIR=str(tmp_path / "logs"),
+                OUT_DIR=str(tmp_path / "out"), RUN_ID="t", VAL_MAX_TOKENS="2048", **extra)
+
+
+def _check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    """2 gloo ranks x 1 micro-batch == 1 rank x 2 micro-batches: same losses and same final BPB."""
+    one = _check(run_trainer(_env(tiny_data, tmp_path / "a"), nproc=1))
+    two = _check(run_trainer(_env(tiny_data, tmp_path / "b"), nproc=2))
+    losses_one = [float(v) for v in log_values(one, "step:", "train_loss")]
+    losses_two = [float(v) for v in log_values(two, "step:", "train_loss")]
+    assert len(losses_one) == 4 and losses_one == pytest.approx(losses_two, abs=2e-3)
+    bpb = [float(log_values(out, "final", "val_bpb")[0]) for out in (one, two)]
+    assert bpb[0] == pytest.approx(bpb[1], abs=2e-3)
+    assert "WARNING:val_split_truncated" in one  # VAL_MAX_TOKENS is said on every eval line
+
+
+def test_nan_loss_stops_with_step_and_last_finite_loss_and_writes_no_artifact(tiny_data, tmp_path):
+    """A diverging run stops at the first non-finite loss, names the step, and leaves no artifact behind."""
+    result = run_trainer(_env(tiny_data, tmp_path, EMBED_LR="1e30", SCALAR_LR="1e30", ITERATIONS="20", GRAD_CLIP_NORM="0"))
+    assert result.returncode != 0
+    assert "No artifact was written" in result.stderr and "at step" in result.stderr
+    assert not list((tmp_path / "out").rglob("*.skc"))
+
+
+def test_compile_warmup_restores_weights_optimizer_and_data_position(tiny_data):
+    """WARMUP_STEPS run real steps, then put weights, optimizer state and the data position back exactly."""
+    hp = tiny_hparams(WARMUP_STEPS=2, DATA_PATH=str(tiny_data))
+    run = train_gpt.Dist()
+    model = tiny_model()
+    optimizers = train_gpt.build_optimizers(model, hp, fused=False)
+    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(tiny_data, "train"), 1024, 0, 1, run.device)
+    train_gpt.train_step(model, optimizers, loader, hp, run, 2, 0, 0.1)  # optimizer state exists before warm-up
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, loader.stream.state(),
+              [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in optimizers])
+    train_gpt.compile_warmup(model, optimizers, loader, hp, run, 2, model)
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    assert loader.stream.state() == before[1]
+    assert [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in optimizers] == before[2]
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    """RUN_PRESET=smoke tokenizes its corpus, trains (loss goes down), exports, reloads, scores; the reloaded
+    artifact scores exactly what the model scored before export, and the pre-training size estimate is within 3%."""
+    from conftest import require_shared
+    require_shared()
+    out = _check(run_trainer(dict(RUN_PRESET="smoke", MAX_WALLCLOCK_SECONDS="12", LOG_DIR=str(tmp_path / "logs"),
+                                  OUT_DIR=str(tmp_path / "out"), DATA_PATH=str(tmp_path / "data"), RUN_ID="smoke")))
+    losses = [float(v) for v in log_values(out, "step:", "train_loss")]
+    assert losses[-1] < losses[0] - 0.5
+    prequant = log_values(out, "eval stage:prequant", "val_bpb")
+    roundtrip = log_values(out, "eval stage:roundtrip", "val_bpb")
+    assert prequant == roundtrip
+    estimate, actual = (int(v) for v in log_values(out, "budget", "bytes_model"))
+    assert abs(estimate - actual) / actual < 0.03
+    submission = json.loads((tmp_path / "out" / "smoke" / "submission.json").read_text())
+    assert submission["val_bpb"] == pytest.approx(float(roundtrip[0]), abs=1e-4)
+    assert submission["bytes_total"] == submission["bytes_code"] + submission["bytes_model"]
