@@ -1334,7 +1334,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
     every step, so every rank takes the same schedule and the same decision to stop."""
     accum = grad_accum_steps(hp, run)
     compile_seconds = compile_warmup(model, optimizers, loader, hp, run, accum, base_model)
-    log(kv("compile", compile_s=compile_seconds, warmup_steps=hp.warmup_steps))
+    log(kv(f"compile_s:{compile_seconds:.2f}", warmup_steps=hp.warmup_steps))
     step, train_seconds, last_finite = 0, 0.0, (0, float("nan"))
     tokens_per_step = hp.train_batch_tokens
     while True:

@@ -1,0 +1,351 @@
+"""Tests of the measurement tooling in tools/: log parser, variants, results table, plot, shell scripts.
+
+None of them runs the real trainer: logs are hand-written, and the proxy_bench pipeline tests swap in a fake
+trainer and a fake tokenizer that honour the same command-line and log contracts.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import ablate  # noqa: E402
+import logparse  # noqa: E402
+import plot_runs  # noqa: E402
+
+FULL_LOG = """\
+train_gpt.py source follows
+def main():
+    log0(f"step:{step}/{iterations} train_loss:{loss:.4f}")
+final = compute()
+step: int = 0
+====================================================================
+model_params:73700000 ternary_params:70000000
+compile_s:45.2
+step:0/5000 train_loss:9.0112 lr_scale:0.0100 step_ms:0.0 tok_s:0 elapsed_s:0.0 remaining_s:240.0
+step:100/5000 train_loss:3.2101 lr_scale:0.9500 step_ms:385.2 tok_s:1361234 elapsed_s:38.5 remaining_s:201.5
+eval stage:train_step step:100 val_loss:3.3000 val_bpb:1.3100 eval_s:2.0 tokens:492263
+step:200/5000 train_loss:2.9000 lr_scale:0.5000 step_ms:385.0 tok_s:1361900 elapsed_s:77.0 remaining_s:163.0
+eval stage:train_step step:200 val_loss:2.9500 val_bpb:1.1800 eval_s:2.0 tokens:492263
+eval stage:prequant val_loss:2.3000 val_bpb:1.0980 eval_s:12.3 tokens:492263
+artifact bytes_total:15800000 bytes_code:60000 bytes_model:15740000 path:artifacts/run.skc
+eval stage:roundtrip val_loss:2.3456 val_bpb:1.1235 eval_s:12.3 tokens:492263
+eval stage:sliding val_loss:2.3000 val_bpb:1.1010 eval_s:60.4 tokens:492263
+final val_bpb:1.1010 val_loss:2.3000 stage:sliding bytes_total:15800000 bytes_code:60000 bytes_model:15740000 steps:624 step_ms:385.0 tok_s:1361500
+"""
+
+TRUNCATED_LOG = """\
+step:10 train_loss:6.5000 step_ms:900.1
+step:20 train_loss:6.1000
+eval stage:roundtrip val_loss:6.0000 val_bpb:2.4000 eval_s:1.5 tokens:40960 val_max_tokens:40960
+eval stage:sliding val_loss:5.9000 val_bpb:2.3500 tokens:40960 val_max_tokens:40960
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log parser
+# ---------------------------------------------------------------------------------------------------------
+
+def test_parse_log_reads_every_event():
+    """Each event line of the contract lands in its field with numbers typed."""
+    parsed = logparse.parse_log(FULL_LOG)
+    assert [record["step"] for record in parsed["train"]] == [0, 100, 200]
+    assert parsed["train"][1] == {
+        "step": 100, "total_steps": 5000, "train_loss": 3.2101, "lr_scale": 0.95, "step_ms": 385.2,
+        "tok_s": 1361234, "elapsed_s": 38.5, "remaining_s": 201.5,
+    }
+    assert [record["stage"] for record in parsed["evals"]] == ["train_step", "train_step", "prequant", "roundtrip", "sliding"]
+    assert parsed["evals"][0]["step"] == 100 and parsed["evals"][0]["val_bpb"] == 1.31
+    assert parsed["evals"][3]["val_max_tokens"] is None
+    assert parsed["artifact"] == {"bytes_total": 15800000, "bytes_code": 60000, "bytes_model": 15740000,
+                                  "path": "artifacts/run.skc"}
+    assert parsed["final"]["stage"] == "sliding" and parsed["final"]["steps"] == 624
+    assert parsed["compile_s"] == 45.2
+    assert parsed["model"] == {"model_params": 73700000, "ternary_params": 70000000}
+
+
+def test_parse_log_ignores_source_code_and_prose():
+    """The trainer's logged source (indented or `name = ...` lines) yields no events."""
+    parsed = logparse.parse_log(FULL_LOG.split("=" * 68)[0])
+    assert parsed == logparse.empty_parse()
+
+
+def test_step_line_without_total_is_wallclock_bound():
+    """`step:N` without `/TOTAL` parses with total_steps None; missing keys read as None."""
+    parsed = logparse.parse_log(TRUNCATED_LOG)
+    assert parsed["train"][0] == {"step": 10, "total_steps": None, "train_loss": 6.5, "lr_scale": None,
+                                  "step_ms": 900.1, "tok_s": None, "elapsed_s": None, "remaining_s": None}
+
+
+def test_truncated_eval_keeps_val_max_tokens():
+    """`val_max_tokens:N` on an eval line is kept; a missing eval_s reads as None."""
+    parsed = logparse.parse_log(TRUNCATED_LOG)
+    roundtrip, sliding = parsed["evals"]
+    assert roundtrip["val_max_tokens"] == 40960 and roundtrip["val_bpb"] == 2.4
+    assert sliding["eval_s"] is None and sliding["step"] is None
+
+
+def test_missing_events_read_as_none():
+    """A log without artifact, final, compile or model lines leaves those fields None."""
+    parsed = logparse.parse_log(TRUNCATED_LOG)
+    assert parsed["artifact"] is None and parsed["final"] is None
+    assert parsed["compile_s"] is None and parsed["model"] is None
+    assert logparse.parse_log("") == logparse.empty_parse()
+
+
+def test_summary_line_of_full_log():
+    """The summary line has the contract's keys in order, eval_s summed over post-training stages."""
+    line = logparse.summary_line(logparse.parse_log(FULL_LOG), "abc1234", "baseline")
+    assert line == ("proxy roundtrip_bpb:1.1235 sliding_bpb:1.101 bytes_total:15800000 steps:624 step_ms:385.0 "
+                    "tok_s:1361500 compile_s:45.2 eval_s:85.0 commit:abc1234 variant:baseline")
+
+
+def test_summary_line_falls_back_and_marks_truncation():
+    """Without a final line, steps and step_ms come from the last train line; truncation is flagged."""
+    line = logparse.summary_line(logparse.parse_log(TRUNCATED_LOG), None, "tiny")
+    summary = logparse.parse_summary_line(line)
+    assert summary["steps"] == 20 and summary["step_ms"] is None
+    assert summary["roundtrip_bpb"] == 2.4 and summary["sliding_bpb"] == 2.35
+    assert summary["bytes_total"] is None and summary["compile_s"] is None and summary["eval_s"] == 1.5
+    assert summary["commit"] is None and summary["variant"] == "tiny" and summary["val_max_tokens"] == 40960
+
+
+def test_find_summary_line_takes_the_last_proxy_line():
+    """find_summary_line skips other output and reads the last `proxy` line back."""
+    text = "tokenizing...\nproxy roundtrip_bpb:9 commit:a variant:x\ntiming total_s:3\nproxy roundtrip_bpb:1.5 commit:b variant:y\n"
+    assert logparse.find_summary_line(text) == {"roundtrip_bpb": 1.5, "commit": "b", "variant": "y"}
+    assert logparse.find_summary_line("no summary here") is None
+
+
+def test_logparse_cli_prints_summary(tmp_path):
+    """`python tools/logparse.py LOG --commit --variant` prints the summary line."""
+    log_path = tmp_path / "run.txt"
+    log_path.write_text(FULL_LOG)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "logparse.py"), str(log_path),
+                             "--commit", "c0ffee", "--variant", "v"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("proxy roundtrip_bpb:1.1235 ") and result.stdout.strip().endswith("variant:v")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants file
+# ---------------------------------------------------------------------------------------------------------
+
+def test_parse_variants_reads_names_env_comments_and_blanks():
+    """Names keep file order; comments and blank lines are skipped; quoted values keep spaces."""
+    text = "# header\n\nbaseline:\nstride: SLIDING_EVAL_STRIDE=64  # why\n  two: A=1 B='x y'\n"
+    assert ablate.parse_variants(text) == [
+        ("baseline", {}), ("stride", {"SLIDING_EVAL_STRIDE": "64"}), ("two", {"A": "1", "B": "x y"}),
+    ]
+
+
+@pytest.mark.parametrize("bad_text", ["no colon here", "bad name: A=1", "a: NOT_AN_ASSIGNMENT", "a: A=1\na: B=2", "x: 1A=2"])
+def test_parse_variants_rejects_malformed_lines(bad_text):
+    """A line without `name:`, a bad name, a non-assignment, or a repeated name raises ValueError."""
+    with pytest.raises(ValueError):
+        ablate.parse_variants(bad_text)
+
+
+def test_example_variants_file_parses():
+    """tools/variants/example.txt has a baseline with no env and the documented examples."""
+    variants = dict(ablate.parse_variants((REPO_ROOT / "tools" / "variants" / "example.txt").read_text()))
+    assert variants["baseline"] == {}
+    assert variants["sliding_stride_64"] == {"SLIDING_EVAL_STRIDE": "64"}
+    assert variants["no_engram"] == {"BIGRAM_HASH_ENABLED": "0"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results table
+# ---------------------------------------------------------------------------------------------------------
+
+def make_row(variant="baseline", env=None, summary_text="proxy roundtrip_bpb:1.1235 sliding_bpb:1.101 bytes_total:15800000 steps:624 step_ms:385.0 tok_s:1361500"):
+    """A results row built from a summary line, as ablate.py builds it."""
+    summary = logparse.parse_summary_line(summary_text)
+    return ablate.results_row(summary, "2026-11-24 12:00", "abc1234", "1xNVIDIA H100 80GB HBM3", variant,
+                              env or {}, "bash tools/proxy_bench.sh")
+
+
+def test_docs_results_has_the_table_header():
+    """docs/results.md holds the exact header ablate.py appends under, followed by the separator."""
+    lines = (REPO_ROOT / "docs" / "results.md").read_text().splitlines()
+    header_index = lines.index(ablate.RESULTS_HEADER)
+    assert lines[header_index + 1] == ablate.RESULTS_SEPARATOR
+
+
+def test_results_row_has_one_cell_per_column():
+    """A row has every column, NA for missing values, env in backticks, pipes escaped."""
+    row = make_row(env={"A": "1|2"}, summary_text="proxy roundtrip_bpb:1.2 val_max_tokens:4096")
+    assert ablate.is_results_row(row)
+    assert "| 1.2 (val_max_tokens:4096) | NA |" in row and "`A='1\\|2'`" in row
+
+
+def test_append_row_lands_inside_the_results_table(tmp_path):
+    """Rows go after the table's last line in order, and text after the table stays after them."""
+    results_path = tmp_path / "results.md"
+    shutil.copy(REPO_ROOT / "docs" / "results.md", results_path)
+    with open(results_path, "a") as results_file:
+        results_file.write("\nA note below the table.\n")
+    first, second = make_row("first"), make_row("second", {"SLIDING_EVAL_STRIDE": "64"})
+    ablate.append_row(results_path, first)
+    ablate.append_row(results_path, second)
+    lines = results_path.read_text().splitlines()
+    header_index = lines.index(ablate.RESULTS_HEADER)
+    assert lines[header_index + 2: header_index + 4] == [first, second]
+    assert lines[-1] == "A note below the table."
+
+
+def test_append_row_needs_the_header(tmp_path):
+    """A results file without the table header is refused, not silently extended."""
+    results_path = tmp_path / "results.md"
+    results_path.write_text("# nothing here\n")
+    with pytest.raises(ValueError):
+        ablate.append_row(results_path, make_row())
+
+
+def test_import_rows_appends_new_rows_once(tmp_path):
+    """--import-rows appends device rows, skipping rows already present and non-row lines."""
+    results_path = tmp_path / "results.md"
+    shutil.copy(REPO_ROOT / "docs" / "results.md", results_path)
+    rows_path = tmp_path / "results_rows.md"
+    rows_path.write_text(make_row("a") + "\n" + "not a row\n" + make_row("b") + "\n")
+    assert ablate.import_rows(rows_path, results_path) == 2
+    assert ablate.import_rows(rows_path, results_path) == 0
+    assert sum(ablate.is_results_row(line) for line in results_path.read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------------------
+
+def test_plot_runs_writes_a_png(tmp_path):
+    """Two logs (one with no final line) become one non-empty PNG."""
+    (tmp_path / "full.txt").write_text(FULL_LOG)
+    (tmp_path / "truncated.txt").write_text(TRUNCATED_LOG)
+    output_path = tmp_path / "compare.png"
+    plot_runs.main([str(tmp_path / "full.txt"), str(tmp_path / "truncated.txt"), "-o", str(output_path)])
+    assert output_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output_path.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shell scripts and the dry-run pipeline (with a fake trainer and tokenizer)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["proxy_bench.sh", "prepare_bench_payload.sh"])
+def test_shell_script_syntax(script):
+    """`bash -n` accepts the script."""
+    subprocess.run(["bash", "-n", str(REPO_ROOT / "tools" / script)], check=True)
+
+
+FAKE_TOKENIZER = """\
+import argparse, glob, json, os
+parser = argparse.ArgumentParser()
+parser.add_argument("--inputs", nargs="+", required=True)
+parser.add_argument("--tokenizer", required=True)
+parser.add_argument("--out", required=True)
+parser.add_argument("--val-file", required=True)
+parser.add_argument("--workers", type=int, default=1)
+options = parser.parse_args()
+files = [path for pattern in options.inputs for path in glob.glob(pattern)]
+assert files and os.path.exists(options.val_file) and os.path.exists(options.tokenizer), options
+os.makedirs(options.out)
+json.dump({"train_files": files}, open(os.path.join(options.out, "meta.json"), "w"))
+"""
+
+FAKE_TRAINER = """\
+import os
+environ = os.environ
+assert os.path.exists(os.path.join(environ["DATA_PATH"], "meta.json"))
+lines = [
+    "config " + " ".join(f"{name}:{environ.get(name, 'unset') or 'empty'}" for name in
+        ("RUN_PRESET", "CUDA_VISIBLE_DEVICES", "SLIDING_EVAL", "VOCAB_SIZE", "MAX_WALLCLOCK_SECONDS", "FAKE_KNOB")),
+    "compile_s:0.5",
+    "step:10 train_loss:5.0000 step_ms:100.0 tok_s:8000",
+    "eval stage:roundtrip val_loss:5.1000 val_bpb:2.0000 eval_s:1.0 tokens:4096",
+    "eval stage:sliding val_loss:5.0000 val_bpb:1.9000 eval_s:2.0 tokens:4096",
+    "final val_bpb:1.9000 val_loss:5.0000 stage:sliding bytes_total:123456 steps:10 step_ms:100.0 tok_s:8000",
+]
+os.makedirs(environ["LOG_DIR"], exist_ok=True)
+with open(os.path.join(environ["LOG_DIR"], environ["RUN_ID"] + ".txt"), "w") as log_file:
+    log_file.write("\\n".join(lines) + "\\n")
+print("\\n".join(lines))
+"""
+
+
+@pytest.fixture
+def fake_pipeline(tmp_path):
+    """Environment that points proxy_bench at a fake trainer and tokenizer and at temp folders."""
+    bench_dir = REPO_ROOT / ".bench"
+    shared_dir = REPO_ROOT.parent / "shared"
+    if not (bench_dir / "corpus").is_dir() and not (shared_dir / "corpus").is_dir():
+        pytest.skip("neither .bench/ nor ../shared/corpus is here to slice a dry-run corpus from")
+    (tmp_path / "fake_tokenizer.py").write_text(FAKE_TOKENIZER)
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (tmp_path / "out").mkdir()
+    environment = dict(os.environ, PROXY_TRAIN_SCRIPT=str(tmp_path / "fake_trainer.py"),
+                       PROXY_TOKENIZE_SCRIPT=str(tmp_path / "fake_tokenizer.py"),
+                       PROXY_DATA_DIR=str(tmp_path / "data"), PROXY_LOG_DIR=str(tmp_path / "logs"),
+                       PROXY_PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    for name in ("PROXY_VARIANT", "PROXY_COMMIT", "PROXY_DRY_RUN", "MAX_WALLCLOCK_SECONDS", "SLIDING_EVAL"):
+        environment.pop(name, None)
+    return environment
+
+
+def test_proxy_bench_dry_run_pipeline(fake_pipeline, tmp_path):
+    """--dry-run tokenizes a slice, passes the smoke config and KEY=VALUE args on, and prints the summary last."""
+    result = subprocess.run(["bash", str(REPO_ROOT / "tools" / "proxy_bench.sh"), "--dry-run", "FAKE_KNOB=7"],
+                            env=dict(fake_pipeline, PROXY_COMMIT="abc1234"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line == ("proxy roundtrip_bpb:2.0 sliding_bpb:1.9 bytes_total:123456 steps:10 step_ms:100.0 "
+                         "tok_s:8000 compile_s:0.5 eval_s:3.0 commit:abc1234 variant:FAKE_KNOB=7")
+    assert ("config RUN_PRESET:smoke CUDA_VISIBLE_DEVICES:empty SLIDING_EVAL:1 VOCAB_SIZE:8192 "
+            "MAX_WALLCLOCK_SECONDS:20 FAKE_KNOB:7") in result.stdout
+    copied_logs = list((tmp_path / "out").glob("proxy_FAKE_KNOB_7_*.txt"))
+    assert len(copied_logs) == 1
+    rerun = subprocess.run(["bash", str(REPO_ROOT / "tools" / "proxy_bench.sh"), "--dry-run"],
+                           env=fake_pipeline, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "reusing shards" in rerun.stdout
+
+
+def test_proxy_bench_aborts_when_tokenization_is_too_slow(fake_pipeline):
+    """Tokenization beyond PROXY_MAX_TOKENIZE_S stops the run before training, with a message."""
+    result = subprocess.run(["bash", str(REPO_ROOT / "tools" / "proxy_bench.sh"), "--dry-run"],
+                            env=dict(fake_pipeline, PROXY_MAX_TOKENIZE_S="-1"), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3 and "PROXY_MAX_TOKENIZE_S" in result.stderr
+    assert "config RUN_PRESET" not in result.stdout
+
+
+def test_ablate_dry_run_appends_cpu_rows(fake_pipeline, tmp_path):
+    """ablate --dry-run runs each variant, appends cpu-dry-run rows, and copies them to $OUT."""
+    results_path = tmp_path / "results.md"
+    shutil.copy(REPO_ROOT / "docs" / "results.md", results_path)
+    variants_path = tmp_path / "variants.txt"
+    variants_path.write_text("baseline:\nknob: FAKE_KNOB=3\nskipped: FAKE_KNOB=4\n")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "ablate.py"), str(variants_path), "--dry-run",
+                             "--only", "baseline", "knob", "--results", str(results_path), "--commit", "abc1234"],
+                            env=fake_pipeline, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in results_path.read_text().splitlines() if ablate.is_results_row(line)]
+    assert len(rows) == 2
+    assert "| abc1234 | cpu-dry-run | knob | `FAKE_KNOB=3` | 2.0 | 1.9 | 123456 | 10 | 100.0 | 8000 |" in rows[1]
+    assert (tmp_path / "out" / "results_rows.md").read_text().splitlines() == rows
+
+
+def test_ablate_stops_when_the_budget_is_spent(fake_pipeline, tmp_path):
+    """With less budget left than the expected run, no variant starts and no row is written."""
+    results_path = tmp_path / "results.md"
+    shutil.copy(REPO_ROOT / "docs" / "results.md", results_path)
+    variants_path = tmp_path / "variants.txt"
+    variants_path.write_text("baseline:\n")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "ablate.py"), str(variants_path), "--dry-run",
+                             "--results", str(results_path), "--time-budget-s", "10", "--expected-run-s", "60"],
+                            env=fake_pipeline, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "not run: baseline" in result.stdout
+    assert results_path.read_text() == (REPO_ROOT / "docs" / "results.md").read_text()
