@@ -945,6 +945,17 @@ def training_fraction(step, elapsed_seconds, hp):
     return min(step / hp.iterations, 1.0)
 
 
+H100_BF16_PEAK_FLOPS = 790e12  # dense bf16 matmul peak measured on an H100 (the figure our MFU divides by)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token: 6 x matmul parameters (the tied embedding counts once, as the head) plus causal
+    attention 6 x attention layers x width x seq_len (PaLM appendix B, halved for the causal mask)."""
+    matmul_params = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    attention_layers = sum(isinstance(m, CausalSelfAttention) for m in model.modules())
+    return 6 * matmul_params + 6 * attention_layers * model.cfg.model_dim * seq_len
+
+
 class EMA:
     """Exponential moving average of the weights. The shadow starts as a copy of the live weights when the
     training fraction reaches `start_fraction`; `apply_to` copies it into the model exactly once."""
@@ -1329,6 +1340,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def log_compile_stats(log):
+    """torch.compile health: distinct graphs and recompiles (after warm-up there should be none)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return
+    stats = counters.get("stats", {})
+    if stats:
+        log(kv("compile_stats", unique_graphs=stats.get("unique_graphs", 0), calls_captured=stats.get("calls_captured", 0),
+               recompiles=sum(counters.get("recompiles", {}).values())))
+
+
 def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
     """The training loop. The clock (train_seconds) stops for validation; elapsed time and loss are all-reduced
     every step, so every rank takes the same schedule and the same decision to stop."""
@@ -1337,6 +1360,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
     log(kv(f"compile_s:{compile_seconds:.2f}", warmup_steps=hp.warmup_steps))
     step, train_seconds, last_finite = 0, 0.0, (0, float("nan"))
     tokens_per_step = hp.train_batch_tokens
+    flops = flops_per_token(base_model, hp.train_seq_len)
     while True:
         # validate if due (off the clock)
         if hp.val_loss_every and step and step % hp.val_loss_every == 0:
@@ -1361,9 +1385,13 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
         stop = step >= hp.iterations or (hp.max_wallclock_seconds and train_seconds >= hp.max_wallclock_seconds)
         if step % hp.train_log_every == 0 or step == 1 or stop:
             remaining = max(hp.max_wallclock_seconds - train_seconds, 0.0) if hp.max_wallclock_seconds else 0.0
+            tokens_per_second = tokens_per_step * step / max(train_seconds, 1e-9)
+            mfu = tokens_per_second * flops / run.world_size / H100_BF16_PEAK_FLOPS if run.device.type == "cuda" else 0.0
             log(kv(f"step:{step}", train_loss=loss_value, lr_scale=scale, step_ms=1000 * train_seconds / step,
-                   tok_s=int(tokens_per_step * step / max(train_seconds, 1e-9)), elapsed_s=train_seconds, remaining_s=remaining))
+                   tok_s=int(tokens_per_second), tok_s_gpu=int(tokens_per_second / run.world_size), mfu=mfu,
+                   elapsed_s=train_seconds, remaining_s=remaining))
         if stop:
+            log_compile_stats(log)
             return step, train_seconds, compile_seconds
 
 # -----------------------------------------------------------------------------------------------------------------

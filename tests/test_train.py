@@ -71,3 +71,11 @@ def test_smoke_preset_end_to_end(tmp_path):
     submission = json.loads((tmp_path / "out" / "smoke" / "submission.json").read_text())
     assert submission["val_bpb"] == pytest.approx(float(roundtrip[0]), abs=1e-4)
     assert submission["bytes_total"] == submission["bytes_code"] + submission["bytes_model"]
+
+
+def test_flops_per_token_counts_matmuls_and_causal_attention():
+    """6 x (2-D params) + 6 x attention layers x width x seq_len, by hand for the tiny model."""
+    model = tiny_model()
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert matmul == 1024 * 32 + 2 * 64 * 32 + 4 * (64 * 64 * 2 + 2 * 64 * 32 + 2 * 64 * 128)
+    assert train_gpt.flops_per_token(model, 64) == 6 * matmul + 6 * 4 * 64 * 64
