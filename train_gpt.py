@@ -951,7 +951,7 @@ H100_BF16_PEAK_FLOPS = 790e12  # dense bf16 matmul peak measured on an H100 (the
 def flops_per_token(model, seq_len):
     """Training FLOPs per token: 6 x matmul parameters (the tied embedding counts once, as the head) plus causal
     attention 6 x attention layers x width x seq_len (PaLM appendix B, halved for the causal mask)."""
-    matmul_params = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    matmul_params = sum(p.numel() for p in model.parameters() if p.route != "scalar")
     attention_layers = sum(isinstance(m, CausalSelfAttention) for m in model.modules())
     return 6 * matmul_params + 6 * attention_layers * model.cfg.model_dim * seq_len
 

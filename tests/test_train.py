@@ -76,6 +76,6 @@ def test_smoke_preset_end_to_end(tmp_path):
 def test_flops_per_token_counts_matmuls_and_causal_attention():
     """6 x (2-D params) + 6 x attention layers x width x seq_len, by hand for the tiny model."""
     model = tiny_model()
-    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    matmul = sum(p.numel() for p in model.parameters() if p.route != "scalar")
     assert matmul == 1024 * 32 + 2 * 64 * 32 + 4 * (64 * 64 * 2 + 2 * 64 * 32 + 2 * 64 * 128)
     assert train_gpt.flops_per_token(model, 64) == 6 * matmul + 6 * 4 * 64 * 64
