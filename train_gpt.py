@@ -764,20 +764,25 @@ class GPT(nn.Module):
         num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
         self.skip_weights = tag(nn.Parameter(torch.ones(num_skips, d)), "scalar")
         self.register_buffer("progress", torch.zeros(()), persistent=False)
-        self._rope_cache = {}
+        cos, sin, self.rope_temperature = self._rope_tables(cfg.train_seq_len, "cpu")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def set_progress(self, fraction):
         """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
         that switch on or ramp with training read it from the Context. A reloaded model runs at 1.0."""
         self.progress.fill_(float(fraction))
 
+    def _rope_tables(self, seq_len, device):
+        c = self.cfg
+        return rope_tables(seq_len, c.rope_dims, c.rope_base, c.yarn_factor, c.train_seq_len, device)
+
     def rope(self, seq_len, device):
-        key = (seq_len, str(device))
-        if key not in self._rope_cache:
-            c = self.cfg
-            self._rope_cache[key] = rope_tables(max(seq_len, c.train_seq_len), c.rope_dims, c.rope_base, c.yarn_factor,
-                                                c.train_seq_len, device)
-        return self._rope_cache[key]
+        """Rotary tables: the precomputed buffers (no state mutated inside a compiled forward), or fresh tables
+        for an eval context longer than TRAIN_SEQ_LEN."""
+        if seq_len <= self.rope_cos.size(0):
+            return self.rope_cos, self.rope_sin, self.rope_temperature
+        return self._rope_tables(seq_len, device)
 
     def hidden(self, input_ids):
         """(B, T) token ids -> (B, T, D) final hidden states and the list of aux losses."""
