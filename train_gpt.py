@@ -331,20 +331,62 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each call takes the next `global_tokens + world_size` tokens of the stream; rank r gets the r-th contiguous
     span of it, as (inputs, targets) of shape (-1, seq_len). One process with k micro-batches sees exactly the
-    tokens that k processes with one micro-batch each see, so the global batch is independent of world size."""
+    tokens that k processes with one micro-batch each see, so the global batch is independent of world size.
+    On CUDA the next span is prefetched: filled into one of two alternating pinned buffers and copied on a side
+    stream while the current step computes."""
 
     def __init__(self, paths, vocab_size, rank, world_size, device):
         self.stream = TokenStream(paths, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.pinned = device.type == "cuda"
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.pinned, self.events, self.flip = [None, None], [None, None], 0
+        self.prefetched = None  # (key, stream state before it, device tensor)
+
+    def state(self):
+        return self.prefetched[1] if self.prefetched else self.stream.state()
+
+    def restore(self, state):
+        self.prefetched = None
+        self.stream.restore(state)
+
+    def _take_local(self, global_tokens):
+        span = global_tokens // self.world_size + 1
+        return self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+
+    def _copy_to_device(self, local):
+        if not self.cuda:
+            return torch.from_numpy(local.astype(np.int64))
+        i = self.flip
+        self.flip ^= 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy that last read this pinned buffer is done
+        if self.pinned[i] is None or self.pinned[i].numel() != len(local):
+            self.pinned[i] = torch.empty(len(local), dtype=torch.int64, pin_memory=True)
+        self.pinned[i].numpy()[:] = local
+        with torch.cuda.stream(self.copy_stream):
+            on_device = self.pinned[i].to(self.device, non_blocking=True)
+            self.events[i] = torch.cuda.Event()
+            self.events[i].record(self.copy_stream)
+        return on_device
+
+    def _fetch(self, global_tokens):
+        state = self.stream.state()
+        return global_tokens, state, self._copy_to_device(self._take_local(global_tokens))
 
     def next_batch(self, global_tokens, seq_len):
-        span = global_tokens // self.world_size + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64))
-        if self.pinned:
-            local = local.pin_memory()
-        local = local.to(self.device, non_blocking=True)
+        if self.prefetched is None or self.prefetched[0] != global_tokens:
+            if self.prefetched is not None:
+                self.stream.restore(self.prefetched[1])
+            self.prefetched = self._fetch(global_tokens)
+        local = self.prefetched[2]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            local.record_stream(torch.cuda.current_stream(self.device))
+            self.prefetched = self._fetch(global_tokens)
+        else:
+            self.prefetched = None
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1329,13 +1371,13 @@ def compile_warmup(model, optimizers, loader, hp, run, accum, base_model):
     if hp.warmup_steps <= 0:
         return 0.0
     t0 = time.perf_counter()
-    saved = (copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers], loader.stream.state())
+    saved = (copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers], loader.state())
     for step in range(hp.warmup_steps):
         train_step(model, optimizers, loader, hp, run, accum, step, 0.0)
     base_model.load_state_dict(saved[0])
     for opt, state in zip(optimizers, saved[1]):
         opt.load_state_dict(state)
-    loader.stream.restore(saved[2])
+    loader.restore(saved[2])
     synchronize(run.device)
     return time.perf_counter() - t0
 

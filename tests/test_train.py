@@ -46,11 +46,11 @@ def test_compile_warmup_restores_weights_optimizer_and_data_position(tiny_data):
     optimizers = train_gpt.build_optimizers(model, hp, fused=False)
     loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(tiny_data, "train"), 1024, 0, 1, run.device)
     train_gpt.train_step(model, optimizers, loader, hp, run, 2, 0, 0.1)  # optimizer state exists before warm-up
-    before = ({k: v.clone() for k, v in model.state_dict().items()}, loader.stream.state(),
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, loader.state(),
               [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in optimizers])
     train_gpt.compile_warmup(model, optimizers, loader, hp, run, 2, model)
     assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
-    assert loader.stream.state() == before[1]
+    assert loader.state() == before[1]
     assert [json.dumps({k: str(v) for k, v in o.state_dict()["state"].items()}) for o in optimizers] == before[2]
 
 
