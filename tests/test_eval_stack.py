@@ -151,8 +151,9 @@ def test_ngram_mixture_is_a_normalized_distribution():
     cache.update(tokens, torch.arange(1, 300))
     positions = torch.arange(300, 310)
     logp = torch.log_softmax(torch.randn(10, 1024), -1)
-    total = sum(torch.exp(-cache.mixed_nll(logp, tokens, positions, torch.full((10,), v))) for v in range(1024))
-    assert torch.allclose(total, torch.ones(10), atol=1e-4)
+    every = torch.arange(1024).repeat(10)  # each position paired with every vocabulary entry
+    nll = cache.mixed_nll(logp.repeat_interleave(1024, 0), tokens, positions.repeat_interleave(1024), every)
+    assert torch.allclose(torch.exp(-nll).view(10, 1024).sum(-1), torch.ones(10), atol=1e-4)
     assert bool(cache.predict(tokens, positions)[1].all())
 
 
@@ -218,7 +219,8 @@ def test_temperature_fit_reads_only_train_tokens(tiny_data, monkeypatch):
     train_tail = train_gpt.load_shard(real_shard_paths(tiny_data, "train")[-1], 1024)[-2048:]
     assert torch.equal(train_gpt.load_temp_fit_tokens(tiny_data, 1024, 2048), torch.from_numpy(train_tail.astype(np.int64)))
     assert float(log_values("\n".join(lines), "temperature", "fitted")[0]) == pytest.approx(temperature, abs=1e-4)
-    hp = tiny_hparams(DATA_PATH=tiny_data, TEMP_FIT_TOKENS=2048, TEMP_SCALING=1, SLIDING_EVAL=1, SLIDING_EVAL_STRIDE=32)
+    hp = tiny_hparams(DATA_PATH=tiny_data, TEMP_FIT_TOKENS=2048, TEMP_SCALING=1, SLIDING_EVAL=1, SLIDING_EVAL_STRIDE=32,
+                      EVAL_BATCH_SEQS=32)
     model, val = tiny_model(), torch.randint(0, 1024, (300,))
     lines.clear()
     results = train_gpt.run_eval_stack(model, val, hp, FLAT_TABLES, train_gpt.Dist(), lines.append)
