@@ -202,8 +202,9 @@ class Hyperparameters:
         _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
         _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
         _require(0.0 <= self.ngram_alpha_max <= 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1]")
-        self.eval_engram_orders = tuple(int(s) for s in str(self.eval_engram_orders).split(",") if s.strip())
-        _require(all(n >= 2 for n in self.eval_engram_orders) and self.eval_engram_orders, f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders}: a comma list of orders >= 2")
+        self.eval_engram_order_list = tuple(int(s) for s in self.eval_engram_orders.split(",") if s.strip().isdigit())
+        _require(len(self.eval_engram_order_list) == len(self.eval_engram_orders.split(",")) and min(self.eval_engram_order_list, default=0) >= 2,
+                 f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
         _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
         _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
         self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
@@ -1420,7 +1421,7 @@ CPU_NOTIONAL_MEMORY_BYTES = 4 << 30  # EvalEngram's memory budget on the CPU, wh
 
 
 def engram_table_bytes(hp):
-    return len(hp.eval_engram_orders) * hp.eval_engram_heads * hp.eval_engram_buckets * hp.vocab_size * 4
+    return len(hp.eval_engram_order_list) * hp.eval_engram_heads * hp.eval_engram_buckets * hp.vocab_size * 4
 
 
 def check_eval_config(hp, device):
@@ -1430,7 +1431,7 @@ def check_eval_config(hp, device):
     need = engram_table_bytes(hp)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else CPU_NOTIONAL_MEMORY_BYTES
     if need > hp.eval_engram_max_memory_fraction * memory:
-        raise ConfigError(f"EvalEngram tables need {need / 2**30:.2f} GiB ({len(hp.eval_engram_orders)} EVAL_ENGRAM_ORDERS x "
+        raise ConfigError(f"EvalEngram tables need {need / 2**30:.2f} GiB ({len(hp.eval_engram_order_list)} EVAL_ENGRAM_ORDERS x "
                           f"EVAL_ENGRAM_HEADS={hp.eval_engram_heads} x EVAL_ENGRAM_BUCKETS={hp.eval_engram_buckets} x "
                           f"VOCAB_SIZE={hp.vocab_size} x 4 bytes) but EVAL_ENGRAM_MAX_MEMORY_FRACTION="
                           f"{hp.eval_engram_max_memory_fraction} of {memory / 2**30:.1f} GiB allows "
@@ -1447,7 +1448,7 @@ class EvalEngram:
 
     def __init__(self, hp, device):
         check_eval_config(hp, device)
-        self.orders, self.heads, self.buckets, self.vocab_size = hp.eval_engram_orders, hp.eval_engram_heads, hp.eval_engram_buckets, hp.vocab_size
+        self.orders, self.heads, self.buckets, self.vocab_size = hp.eval_engram_order_list, hp.eval_engram_heads, hp.eval_engram_buckets, hp.vocab_size
         self.alpha, self.threshold, self.laplace = hp.eval_engram_alpha, hp.eval_engram_entropy_threshold, hp.eval_engram_laplace
         self.counts = torch.zeros(len(self.orders), self.heads, self.buckets, self.vocab_size, device=device)
 
