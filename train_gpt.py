@@ -1290,12 +1290,12 @@ def run_eval_stack(model, val_tokens, hp, tables, run, log):
     results, stack_start, temperature = {}, time.perf_counter(), None
     plan = eval_plan(hp)
     for index, (name, stride) in enumerate(plan):
+        if name != "roundtrip" and temperature is None:
+            temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
         t0 = time.perf_counter()
         if name == "roundtrip":
             loss, bpb, count = eval_stage(model, val_tokens, hp, tables, run, stride)
         else:
-            if temperature is None:
-                temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
             features = {n for n, _ in plan[:index + 1]}
             outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature,
                                          time.perf_counter() - stack_start, stage=name, log=log)
