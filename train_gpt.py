@@ -114,6 +114,33 @@ SPEC = (
     ("SLIDING_EVAL", 0, "1 = add the sliding-window stage"),
     ("SLIDING_EVAL_STRIDE", 64, "sliding-window stride: each later window scores its last STRIDE tokens"),
     ("SLIDING_BATCH_SIZE", 32, "windows per forward pass in the sliding stage"),
+    ("EVAL_MAX_SECONDS", 0.0, "eval budget: a stage whose projected time (after its first chunk) would pass it is skipped (0 = none)"),
+    ("TEMP_SCALING", 0, "1 = fit one softmax temperature on the last TEMP_FIT_TOKENS train tokens; used by stages after roundtrip"),
+    ("TEMP_FIT_TOKENS", 65536, "held-out train tokens (end of the last train shard, never val) for TEMP_SCALING"),
+    ("TTT_ENABLED", 0, "1 = add the legal test-time-training stage: score a chunk, then adapt on it, then the next chunk"),
+    ("TTT_SCOPE", "scales", "TTT params: scales (route scalar) | skc_safe (+ ttt_group skc) | capsule_bank | all"),
+    ("TTT_LR", 0.005, "TTT SGD learning rate"),
+    ("TTT_EPOCHS", 1, "TTT passes over each scored chunk"),
+    ("TTT_CHUNK_TOKENS", 32768, "scored targets per chunk of the chunked stages (TTT, caches, budget projection)"),
+    ("TTT_MOMENTUM", 0.9, "TTT SGD momentum (the buffer persists across chunks)"),
+    ("TTT_BATCH_SEQS", 32, "sequences per TTT step"),
+    ("TTT_GRAD_CLIP", 1.0, "TTT grad-norm clip (0 = off)"),
+    ("FREEZE_PACKED_ENGRAM", 1, "0 = TTT may adapt ttt_group=engram params; 1 = frozen; 2 = frozen and raise if they drift"),
+    ("NGRAM_CACHE_ENABLED", 0, "1 = add the stage mixing a backoff n-gram model of already-scored val tokens into the probs"),
+    ("NGRAM_MAX_ORDER", 5, "n-gram cache: highest order (context length + 1); backs off to lower orders down to unigram"),
+    ("NGRAM_BUCKETS", 4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)"),
+    ("NGRAM_ALPHA_BASE", 0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))"),
+    ("NGRAM_ALPHA_SCALE", 0.55, "n-gram mix weight: entropy-dependent part"),
+    ("NGRAM_ENTROPY_CENTER", 4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint"),
+    ("NGRAM_ALPHA_MAX", 0.6, "n-gram mix weight: upper bound, in [0, 1]"),
+    ("EVAL_ENGRAM_ENABLED", 0, "1 = add the stage with hashed n-gram -> next-token count tables as a logit correction"),
+    ("EVAL_ENGRAM_BUCKETS", 4096, "EvalEngram: context buckets per order and head (each a row of VOCAB_SIZE fp32 counts)"),
+    ("EVAL_ENGRAM_HEADS", 2, "EvalEngram: hash functions per order (count-min: the smallest count is used)"),
+    ("EVAL_ENGRAM_ORDERS", "2,3", "EvalEngram: comma list of n-gram orders (context = order - 1 tokens)"),
+    ("EVAL_ENGRAM_ALPHA", 0.3, "EvalEngram: weight of the log-probability correction added to the logits"),
+    ("EVAL_ENGRAM_ENTROPY_THRESHOLD", 2.0, "EvalEngram: correct only positions whose model entropy (nats) exceeds this"),
+    ("EVAL_ENGRAM_LAPLACE", 0.1, "EvalEngram: additive smoothing of the counts"),
+    ("EVAL_ENGRAM_MAX_MEMORY_FRACTION", 0.25, "EvalEngram: tables may use at most this fraction of device memory (CPU: of 4 GiB)"),
 )
 
 PRESETS = {
@@ -169,6 +196,17 @@ class Hyperparameters:
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
         _require(1 <= self.sliding_eval_stride <= self.eval_seq_len, f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         _require(not self.eval_only or self.artifact, "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact")
+        scopes = ("scales", "skc_safe", "capsule_bank", "all")
+        _require(self.ttt_scope in scopes, f"TTT_SCOPE={self.ttt_scope!r}: choose one of {scopes}")
+        _require(self.ttt_chunk_tokens >= 1 and self.ttt_epochs >= 0 and self.ttt_batch_seqs >= 1, "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be >= 1, TTT_EPOCHS >= 0")
+        _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
+        _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
+        _require(0.0 <= self.ngram_alpha_max <= 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1]")
+        self.eval_engram_order_list = tuple(int(s) for s in self.eval_engram_orders.split(",") if s.strip().isdigit())
+        _require(len(self.eval_engram_order_list) == len(self.eval_engram_orders.split(",")) and min(self.eval_engram_order_list, default=0) >= 2,
+                 f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
+        _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
+        _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
         self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
 
     def as_dict(self):
@@ -1292,20 +1330,39 @@ def eval_stage(model, val_tokens, hp, tables, run, stride):
 
 
 def eval_plan(hp):
-    """Stages in their fixed order; the reported val_bpb is the last one, declared before the run."""
+    """Stages in their fixed order: roundtrip, sliding, ttt, ngram, evalengram (each only if enabled). Every later
+    stage keeps the earlier ones' features: all use sliding windows if SLIDING_EVAL=1, ngram runs on top of TTT
+    if TTT is on, evalengram on top of both. The reported val_bpb is the last stage, declared before the run."""
+    stride = hp.sliding_eval_stride if hp.sliding_eval else hp.eval_seq_len
     stages = [("roundtrip", hp.eval_seq_len)]
-    if hp.sliding_eval:
-        stages.append(("sliding", hp.sliding_eval_stride))
+    for name, enabled in (("sliding", hp.sliding_eval), ("ttt", hp.ttt_enabled), ("ngram", hp.ngram_cache_enabled),
+                          ("evalengram", hp.eval_engram_enabled)):
+        if enabled:
+            stages.append((name, stride))
     return stages
 
 
 def run_eval_stack(model, val_tokens, hp, tables, run, log):
-    results = {}
-    for name, stride in eval_plan(hp):
+    """Roundtrip (plain windows, temperature 1), then the chunked stages. A chunked stage whose projected time
+    would pass EVAL_MAX_SECONDS is skipped with an `eval_skip` line; the roundtrip always runs."""
+    results, stack_start, temperature = {}, time.perf_counter(), None
+    plan = eval_plan(hp)
+    for index, (name, stride) in enumerate(plan):
+        if name != "roundtrip" and temperature is None:
+            temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
         t0 = time.perf_counter()
-        loss, bpb, count = eval_stage(model, val_tokens, hp, tables, run, stride)
-        results[name] = dict(val_loss=loss, val_bpb=bpb, eval_s=time.perf_counter() - t0, tokens=count)
-        log(kv("eval", stage=name, val_loss=loss, val_bpb=bpb, eval_s=results[name]["eval_s"], tokens=count,
+        if name == "roundtrip":
+            loss, bpb, count = eval_stage(model, val_tokens, hp, tables, run, stride)
+        else:
+            features = {n for n, _ in plan[:index + 1]}
+            outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature,
+                                         time.perf_counter() - stack_start, stage=name, log=log)
+            if outcome is None:
+                continue
+            loss, bpb, count = outcome
+        seconds = time.perf_counter() - t0
+        results[name] = dict(val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count)
+        log(kv("eval", stage=name, val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count, tok_s=int(count / max(seconds, 1e-9)),
                **truncation_note(hp)))
     return results
 
@@ -1319,6 +1376,387 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def all_reduce_max(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def rank_segment(num_tokens, rank, world_size):
+    """Contiguous part of the stream a rank owns in the chunked stages: tokens[first:last + 1], whose targets
+    first+1..last the rank scores (and learns from) alone; the segments cover targets 1..num_tokens-1 once."""
+    bounds = [(num_tokens - 1) * r // world_size for r in range(world_size + 1)]
+    return bounds[rank], bounds[rank + 1]
+
+
+def chunk_windows(windows, chunk_tokens):
+    """Consecutive windows grouped into chunks of >= chunk_tokens scored targets (the last may be shorter)."""
+    chunks, current, count = [], [], 0
+    for window in windows:
+        current.append(window)
+        count += window[1] - window[2]
+        if count >= chunk_tokens:
+            chunks.append(current)
+            current, count = [], 0
+    return chunks + [current] if current else chunks
+
+
+def chunk_targets(chunk):
+    """Target positions [first, end) a chunk scores (its windows score consecutive disjoint ranges)."""
+    start, length, score_from = chunk[0]
+    return start + 1 + score_from, chunk[-1][0] + chunk[-1][1] + 1
+
+
+HASH_PRIME = (1 << 40) - 87  # hashes stay below 2^40, so hash * (a multiplier < 2^22) never overflows int64
+HASH_MULT = 1_000_003
+
+
+def context_hashes(tokens, positions, length, salt):
+    """Hash of the `length` tokens before each target position: (N,) -> (hash in [0, HASH_PRIME), valid), valid
+    where the whole context lies inside `tokens`."""
+    h = torch.full_like(positions, salt + 1)
+    for j in range(1, length + 1):
+        h = (h * HASH_MULT + tokens[(positions - j).clamp_min(0)] + 1) % HASH_PRIME
+    return h, positions >= length
+
+
+class NgramCache:
+    """Backoff n-gram model of the already-scored val tokens as hash-bucketed int32 count tensors: per order
+    1..NGRAM_MAX_ORDER a context table and a (context, next token) table, filled by scatter_add per chunk. At a
+    position the highest order whose context was seen predicts; its distribution is the (context, v) counts over
+    all v divided by their sum, a proper distribution even with hash collisions. Mixed with the model:
+        p = (1 - alpha) p_model + alpha p_ngram,  alpha = min(ALPHA_MAX, ALPHA_BASE + ALPHA_SCALE sigmoid(H - CENTER))
+    with H the model's entropy in nats; alpha = 0 where no context was seen."""
+
+    PAIR_MULT = 2654435761
+
+    def __init__(self, hp, device):
+        self.max_order, self.buckets, self.vocab_size = hp.ngram_max_order, hp.ngram_buckets, hp.vocab_size
+        self.alpha = (hp.ngram_alpha_base, hp.ngram_alpha_scale, hp.ngram_entropy_center, hp.ngram_alpha_max)
+        self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=device)
+        self.pair_counts = torch.zeros_like(self.context_counts)
+
+    def _pair_bucket(self, h, next_tokens):
+        return (h + (next_tokens + 1) * self.PAIR_MULT) % self.buckets
+
+    def update(self, tokens, positions):
+        """Count the targets at `positions` (already scored) under each order's context."""
+        targets = tokens[positions]
+        for order in range(1, self.max_order + 1):
+            h, valid = context_hashes(tokens, positions, order - 1, order)
+            h, t = h[valid], targets[valid]
+            ones = torch.ones_like(h, dtype=torch.int32)
+            self.context_counts[order - 1].scatter_add_(0, h % self.buckets, ones)
+            self.pair_counts[order - 1].scatter_add_(0, self._pair_bucket(h, t), ones)
+
+    def predict(self, tokens, positions):
+        """(N, V) n-gram distribution at each position and whether any context was seen (N,)."""
+        order_index = torch.full_like(positions, -1)
+        chosen = torch.zeros_like(positions)
+        for order in range(self.max_order, 0, -1):
+            h, valid = context_hashes(tokens, positions, order - 1, order)
+            seen = valid & (order_index < 0) & (self.context_counts[order - 1][h % self.buckets] > 0)
+            order_index = torch.where(seen, order - 1, order_index)
+            chosen = torch.where(seen, h, chosen)
+        vocab = torch.arange(self.vocab_size, device=positions.device)
+        index = order_index.clamp_min(0)[:, None] * self.buckets + self._pair_bucket(chosen[:, None], vocab[None, :])
+        rows = self.pair_counts.view(-1)[index].float()
+        return rows / rows.sum(-1, keepdim=True).clamp_min(1.0), order_index >= 0
+
+    def mixed_nll(self, logp, tokens, positions, targets):
+        probs, found = self.predict(tokens, positions)
+        base, scale, center, most = self.alpha
+        entropy = -(logp.exp() * logp).sum(-1)
+        alpha = (base + scale * torch.sigmoid(entropy - center)).clamp(0.0, most) * found
+        logp_model = logp.gather(1, targets[:, None]).squeeze(1)
+        p_ngram = probs.gather(1, targets[:, None]).squeeze(1)
+        return -torch.logaddexp(torch.log1p(-alpha) + logp_model, torch.log(alpha) + torch.log(p_ngram))
+
+
+CPU_NOTIONAL_MEMORY_BYTES = 4 << 30  # EvalEngram's memory budget on the CPU, where there is no device memory to ask
+
+
+def engram_table_bytes(hp):
+    return len(hp.eval_engram_order_list) * hp.eval_engram_heads * hp.eval_engram_buckets * hp.vocab_size * 4
+
+
+def check_eval_config(hp, device):
+    """Refuse EvalEngram tables larger than EVAL_ENGRAM_MAX_MEMORY_FRACTION of the device memory (CPU: 4 GiB)."""
+    if not hp.eval_engram_enabled:
+        return
+    need = engram_table_bytes(hp)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else CPU_NOTIONAL_MEMORY_BYTES
+    if need > hp.eval_engram_max_memory_fraction * memory:
+        raise ConfigError(f"EvalEngram tables need {need / 2**30:.2f} GiB ({len(hp.eval_engram_order_list)} EVAL_ENGRAM_ORDERS x "
+                          f"EVAL_ENGRAM_HEADS={hp.eval_engram_heads} x EVAL_ENGRAM_BUCKETS={hp.eval_engram_buckets} x "
+                          f"VOCAB_SIZE={hp.vocab_size} x 4 bytes) but EVAL_ENGRAM_MAX_MEMORY_FRACTION="
+                          f"{hp.eval_engram_max_memory_fraction} of {memory / 2**30:.1f} GiB allows "
+                          f"{hp.eval_engram_max_memory_fraction * memory / 2**30:.2f} GiB; lower EVAL_ENGRAM_BUCKETS, "
+                          "EVAL_ENGRAM_HEADS or the number of EVAL_ENGRAM_ORDERS")
+
+
+class EvalEngram:
+    """Hashed n-gram -> next-token count tables (orders x heads x buckets x V, fp32), created empty at every
+    stage entry and filled only with already-scored tokens. Per order the context's row is the minimum over the
+    heads' rows (count-min sketch) and gives correction(v) = log((count(v) + LAPLACE) / (total + LAPLACE * V));
+    ALPHA times the mean over orders is added to the model's log-probs where the model's entropy (nats) exceeds
+    ENTROPY_THRESHOLD, then renormalized by a softmax."""
+
+    def __init__(self, hp, device):
+        check_eval_config(hp, device)
+        self.orders, self.heads, self.buckets, self.vocab_size = hp.eval_engram_order_list, hp.eval_engram_heads, hp.eval_engram_buckets, hp.vocab_size
+        self.alpha, self.threshold, self.laplace = hp.eval_engram_alpha, hp.eval_engram_entropy_threshold, hp.eval_engram_laplace
+        self.counts = torch.zeros(len(self.orders), self.heads, self.buckets, self.vocab_size, device=device)
+
+    def _rows(self, tokens, positions, order_index):
+        """Row index (N, heads) into counts.view(-1, V) of each position's context, and validity (N,)."""
+        order = self.orders[order_index]
+        h, valid = context_hashes(tokens, positions, order - 1, 100 + order)
+        heads = torch.arange(self.heads, device=positions.device)
+        buckets = ((h[:, None] * (1 + 2 * 40503 * heads) + heads) % HASH_PRIME) % self.buckets
+        return (order_index * self.heads + heads) * self.buckets + buckets, valid
+
+    def update(self, tokens, positions):
+        targets = tokens[positions]
+        for order_index in range(len(self.orders)):
+            rows, valid = self._rows(tokens, positions, order_index)
+            flat = (rows[valid] * self.vocab_size + targets[valid, None]).flatten()
+            self.counts.view(-1).index_add_(0, flat, torch.ones(len(flat), device=flat.device))
+
+    def correction(self, tokens, positions):
+        table, total = self.counts.view(-1, self.vocab_size), 0.0
+        for order_index in range(len(self.orders)):
+            rows, valid = self._rows(tokens, positions, order_index)
+            counts = table[rows].amin(1)
+            smoothed = torch.log((counts + self.laplace) / (counts.sum(-1, keepdim=True) + self.laplace * self.vocab_size))
+            total = total + smoothed * valid[:, None]
+        return total / len(self.orders)
+
+    def adjust(self, logp, tokens, positions):
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        gate = (entropy > self.threshold).float()
+        return F.log_softmax(logp + self.alpha * gate * self.correction(tokens, positions), -1)
+
+
+def ttt_parameters(model, scope, freeze_packed_engram):
+    """Parameters TTT_SCOPE adapts: scales = route 'scalar'; skc_safe = scales + ttt_group 'skc'; capsule_bank =
+    ttt_group 'capsule_bank'; all = everything. Packed engram tables (ttt_group 'engram') are excluded when frozen."""
+    chosen = []
+    for p in model.parameters():
+        group = getattr(p, "ttt_group", None)
+        if group == "engram" and freeze_packed_engram:
+            continue
+        scalar = getattr(p, "route", None) == "scalar"
+        if (scope == "all" or (scope in ("scales", "skc_safe") and scalar) or (scope == "skc_safe" and group == "skc")
+                or (scope == "capsule_bank" and group == "capsule_bank")):
+            chosen.append(p)
+    if not chosen:
+        raise ConfigError(f"TTT_SCOPE={scope} selects no parameter of this model; choose another scope or TTT_ENABLED=0")
+    return chosen
+
+
+class TestTimeTrainer:
+    """Legal TTT: after a chunk is scored, SGD with momentum (the buffer persists across chunks) and a grad clip
+    on that chunk's targets only (inputs may reach back into earlier, scored tokens; targets never pass the chunk).
+    Only the TTT_SCOPE parameters move; `restore` puts back every weight, requires_grad flag and grad bit-exactly.
+    No gradient is averaged across ranks: each rank adapts on its own segment."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, model, hp, device):
+        self.model, self.hp, self.device = model, hp, device
+        self.params = ttt_parameters(model, hp.ttt_scope, hp.freeze_packed_engram)
+        self.saved = [(p, p.detach().clone(), p.requires_grad, p.grad) for p in model.parameters()]
+        self.engram = [(p, v) for p, v, _, _ in self.saved if getattr(p, "ttt_group", None) == "engram"]
+        chosen = {id(p) for p in self.params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+            p.grad = None
+        self.optimizer = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+
+    def adapt(self, tokens, first_target, end_target):
+        """TTT_EPOCHS passes over targets first_target..end_target-1 in sequences of EVAL_SEQ_LEN."""
+        seq_len, batch_seqs = self.hp.eval_seq_len, self.hp.ttt_batch_seqs
+        starts = [(s, min(seq_len, end_target - 1 - s)) for s in range(first_target - 1, end_target - 1, seq_len)]
+        for _ in range(self.hp.ttt_epochs):
+            for i in range(0, len(starts), batch_seqs):
+                batch = starts[i:i + batch_seqs]
+                total = sum(length for _, length in batch)
+                for length in sorted({length for _, length in batch}):
+                    same = [s for s, n in batch if n == length]
+                    x = torch.stack([tokens[s:s + length] for s in same])
+                    y = torch.stack([tokens[s + 1:s + length + 1] for s in same])
+                    with autocast(self.device):
+                        loss = self.model(x, y)
+                    (loss * (len(same) * length / total)).backward()
+                if self.hp.ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.hp.freeze_packed_engram == 2 and any(not torch.equal(p.detach(), v) for p, v in self.engram):
+            raise RuntimeError("FREEZE_PACKED_ENGRAM=2: a packed engram table (ttt_group 'engram') changed during TTT")
+
+    @torch.no_grad()
+    def restore(self):
+        for p, value, requires_grad, grad in self.saved:
+            p.copy_(value)
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+EVAL_ROWS = 4096  # scored positions per cache / mixture computation (bounds the (rows, V) temporaries)
+
+
+def mixed_nll(logits, targets, positions, tokens, ngram, engram):
+    """NLL (N,) of the targets under the model's logits (N, V), EvalEngram-corrected, then n-gram-mixed."""
+    logp = F.log_softmax(logits, -1)
+    if engram is not None:
+        logp = engram.adjust(logp, tokens, positions)
+    if ngram is None:
+        return -logp.gather(1, targets[:, None]).squeeze(1)
+    return ngram.mixed_nll(logp, tokens, positions, targets)
+
+
+@torch.no_grad()
+def score_windows_mixed(model, tokens, windows, tables, device, temperature, ngram, engram):
+    """Like score_windows, with the logits divided by `temperature` and the caches applied; tokens on device."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for length in sorted({w[1] for w in windows}):
+        same = [w for w in windows if w[1] == length]
+        starts = torch.tensor([s for s, _, _ in same], device=device)
+        offsets = torch.arange(length, device=device)
+        x = tokens[starts[:, None] + offsets[None, :]]
+        y = tokens[starts[:, None] + offsets[None, :] + 1]
+        keep = offsets[None, :] >= torch.tensor([f for _, _, f in same], device=device)[:, None]
+        with autocast(device):
+            logits = model.logits(model.hidden(x)[0])
+        logits, targets = logits[keep].float() / temperature, y[keep]
+        positions = (starts[:, None] + 1 + offsets[None, :])[keep]
+        for i in range(0, len(targets), EVAL_ROWS):
+            rows = slice(i, i + EVAL_ROWS)
+            totals[0] += mixed_nll(logits[rows], targets[rows], positions[rows], tokens, ngram, engram).double().sum()
+        totals[1] += token_bytes(x, y, tables)[keep].double().sum()
+        totals[2] += keep.sum()
+    return totals
+
+
+def score_segment(model, tokens, hp, tables, device, stride, features, temperature=1.0, on_first_chunk=None, on_chunk=None):
+    """Chunked scoring of one contiguous token segment: for each chunk, score all its windows (no_grad), then
+    update the caches and TTT with that chunk's targets only. Returns (NLL, bytes, targets) sums, or None when
+    `on_first_chunk(seconds, fraction_done)` says stop. `on_chunk(k, first, end, ngram, engram)` is a test hook
+    called just before chunk k is scored. All weights are restored at the end."""
+    tokens = tokens.to(device)
+    chunks = chunk_windows(eval_windows(len(tokens), hp.eval_seq_len, stride), hp.ttt_chunk_tokens)
+    ngram = NgramCache(hp, device) if "ngram" in features else None
+    engram = EvalEngram(hp, device) if "evalengram" in features else None
+    trainer = TestTimeTrainer(model, hp, device) if "ttt" in features else None
+    batch = hp.sliding_batch_size if stride < hp.eval_seq_len else hp.eval_batch_seqs
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, chunk in enumerate(chunks):
+            t0 = time.perf_counter()
+            first, end = chunk_targets(chunk)
+            if on_chunk is not None:
+                on_chunk(k, first, end, ngram, engram)
+            for i in range(0, len(chunk), batch):
+                totals += score_windows_mixed(model, tokens, chunk[i:i + batch], tables, device, temperature, ngram, engram)
+            positions = torch.arange(first, end, device=device)
+            for cache in (ngram, engram):
+                if cache is not None:
+                    cache.update(tokens, positions)
+            if trainer is not None and k < len(chunks) - 1:  # nothing is scored after the last chunk
+                trainer.adapt(tokens, first, end)
+            if k == 0 and on_first_chunk is not None:
+                synchronize(device)
+                if not on_first_chunk(time.perf_counter() - t0, (end - first) / max(len(tokens) - 1, 1)):
+                    return None
+    finally:
+        if trainer is not None:
+            trainer.restore()
+        model.train(was_training)
+    return totals
+
+
+def eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, elapsed_s, stage="", log=None):
+    """Loss and BPB of a chunked stage; each rank scores its own contiguous segment. None if the projected time
+    (first chunk's time / its fraction of the segment, max over ranks) would take the stack past EVAL_MAX_SECONDS."""
+    first, last = rank_segment(len(val_tokens), run.rank, run.world_size)
+
+    def within_budget(seconds, fraction):
+        projected = float(all_reduce_max(torch.tensor([seconds / max(fraction, 1e-12)], device=run.device))[0])
+        if elapsed_s + projected <= hp.eval_max_seconds:
+            return True
+        if log is not None:
+            log(kv("eval_skip", stage=stage, projected_s=projected, budget_s=hp.eval_max_seconds, elapsed_s=elapsed_s))
+        return False
+
+    totals = score_segment(model, val_tokens[first:last + 1], hp, tables, run.device, stride, features, temperature,
+                           on_first_chunk=within_budget if hp.eval_max_seconds > 0 else None)
+    if totals is None:
+        return None
+    totals = all_reduce_sum(totals)
+    return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
+
+
+def load_temp_fit_tokens(data_path, vocab_size, count):
+    """The last `count` tokens of the last train shard: the temperature is never fitted on val."""
+    tokens = np.asarray(load_shard(shard_paths(data_path, "train")[-1], vocab_size))[-count:]
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+@torch.no_grad()
+def temperature_nll(model, tokens, hp, device, temperatures):
+    """Mean NLL (nats) of plain windows over `tokens` at each temperature, from one forward pass."""
+    temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
+    sums, count = torch.zeros(len(temps), dtype=torch.float64, device=device), 0
+    tokens = tokens.to(device)
+    windows = eval_windows(len(tokens), hp.eval_seq_len, hp.eval_seq_len)
+    for i in range(0, len(windows), hp.eval_batch_seqs):
+        for length in sorted({w[1] for w in windows[i:i + hp.eval_batch_seqs]}):
+            starts = [s for s, n, _ in windows[i:i + hp.eval_batch_seqs] if n == length]
+            x = torch.stack([tokens[s:s + length] for s in starts])
+            y = torch.stack([tokens[s + 1:s + length + 1] for s in starts]).flatten()
+            with autocast(device):
+                logits = model.logits(model.hidden(x)[0]).float().flatten(0, 1)
+            for j, t in enumerate(temps):
+                sums[j] += F.cross_entropy(logits / t, y, reduction="sum").double()
+            count += len(y)
+    return (sums / count).cpu()
+
+
+def fit_temperature(model, tokens, hp, device):
+    """Softmax temperature minimizing the NLL of `tokens`: a log-spaced grid over [0.5, 2], then a fine linear
+    grid between the best point's neighbours. Returns (temperature, NLL at 1, NLL at the temperature)."""
+    coarse = np.geomspace(0.5, 2.0, 25)
+    best = int(temperature_nll(model, tokens, hp, device, coarse).argmin())
+    fine = np.linspace(coarse[max(best - 1, 0)], coarse[min(best + 1, len(coarse) - 1)], 21)
+    nll = temperature_nll(model, tokens, hp, device, list(fine) + [1.0])
+    j = int(nll[:-1].argmin())
+    return float(fine[j]), float(nll[-1]), float(nll[j])
+
+
+def fit_temperature_from_train(model, hp, run, log):
+    tokens = load_temp_fit_tokens(hp.data_path, hp.vocab_size, hp.temp_fit_tokens)
+    was_training = model.training
+    model.eval()
+    temperature, nll_before, nll_after = fit_temperature(model, tokens, hp, run.device)
+    model.train(was_training)
+    log(kv("temperature", fitted=temperature, fit_tokens=len(tokens), source="train_shard_tail", nll_t1=nll_before, nll_fit=nll_after))
+    return temperature
+
+
+def check_artifact_matches(model, hp, path):
+    """A reloaded artifact must fit the run's tokenizer and eval config; say which variable to change."""
+    cfg = model.cfg
+    if cfg.vocab_size != hp.vocab_size:
+        raise ConfigError(f"ARTIFACT={path} has vocab size {cfg.vocab_size} but VOCAB_SIZE={hp.vocab_size} (TOKENIZER_PATH="
+                          f"{hp.tokenizer_path}); use the tokenizer and DATA_PATH the artifact was trained with")
+    if hp.ttt_enabled:
+        ttt_parameters(model, hp.ttt_scope, hp.freeze_packed_engram)
 
 # -----------------------------------------------------------------------------------------------------------------
 # TRAIN
@@ -1530,9 +1968,11 @@ def prepare_model(model, hp, run):
 
 
 def finish(results, hp, log, run, extra):
-    """submission.json and the final line: the reported stage is the last of the declared plan."""
-    reported = eval_plan(hp)[-1][0]
-    summary = dict(val_bpb=results[reported]["val_bpb"], val_loss=results[reported]["val_loss"], stage=reported, **extra)
+    """submission.json and the final line: the reported stage is the last of the declared plan that ran (a stage
+    skipped by EVAL_MAX_SECONDS has an eval_skip line, and `planned` then differs from `stage`)."""
+    reported = [name for name, _ in eval_plan(hp) if name in results][-1]
+    summary = dict(val_bpb=results[reported]["val_bpb"], val_loss=results[reported]["val_loss"], stage=reported,
+                   planned=eval_plan(hp)[-1][0], **extra)
     if run.is_main:
         out = Path(hp.out_dir) / hp.run_id
         out.mkdir(parents=True, exist_ok=True)
@@ -1558,11 +1998,13 @@ def main():
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     check_data_matches_tokenizer(hp.data_path, hp.tokenizer_path, hp.vocab_size)
     tables = build_byte_tables(sp, hp.vocab_size)
+    check_eval_config(hp, run.device)
     val_tokens = load_val_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
     log(kv("eval_plan", stages=",".join(n for n, _ in eval_plan(hp)), reported=eval_plan(hp)[-1][0],
            val_tokens=len(val_tokens), **truncation_note(hp)))
     if hp.eval_only:
         model = load_model_from_artifact(hp.artifact, run.device)
+        check_artifact_matches(model, hp, hp.artifact)
         results = run_eval_stack(model, val_tokens, hp, tables, run, log)
         return finish(results, hp, log, run, dict(artifact=hp.artifact))
 
