@@ -59,7 +59,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     artifact scores exactly what the model scored before export, and the pre-training size estimate is within 3%."""
     from conftest import require_shared
     require_shared()
-    out = _check(run_trainer(dict(RUN_PRESET="smoke", MAX_WALLCLOCK_SECONDS="12", LOG_DIR=str(tmp_path / "logs"),
+    out = _check(run_trainer(dict(RUN_PRESET="smoke", MAX_WALLCLOCK_SECONDS="0", ITERATIONS="10", LOG_DIR=str(tmp_path / "logs"),
                                   OUT_DIR=str(tmp_path / "out"), DATA_PATH=str(tmp_path / "data"), RUN_ID="smoke")))
     losses = [float(v) for v in log_values(out, "step:", "train_loss")]
     assert losses[-1] < losses[0] - 0.5
