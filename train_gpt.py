@@ -810,14 +810,9 @@ def prefix_mean(z):
     return z.cumsum(1) / count
 
 
-def primes_from(start, count):
-    """The first `count` primes >= start (trial division; called once per model)."""
-    found, n = [], start
-    while len(found) < count:
-        if all(n % d for d in range(2, int(n ** 0.5) + 1)):
-            found.append(n)
-        n += 1
-    return found
+# One hash multiplier per engram table (order, head): the first 12 primes above 10^6 (ENGRAM_NUM_ORDERS <= 3 times
+# ENGRAM_NUM_HEADS <= 4); distinct primes decorrelate the tables' collisions.
+ENGRAM_PRIMES = (1000003, 1000033, 1000037, 1000039, 1000081, 1000099, 1000117, 1000121, 1000133, 1000151, 1000159, 1000171)
 
 
 def engram_rows(input_ids, num_orders, num_heads, buckets):
@@ -825,7 +820,6 @@ def engram_rows(input_ids, num_orders, num_heads, buckets):
     head h) hashes the (o+1)-gram ending at t (tokens t-o..t, never a later one) with its own prime P_j:
     hash = fold(hash * P_j + token + 1) mod (buckets - 1), bucket = hash + 1. Bucket 0 is reserved for n-grams that
     reach before the window start or cross a document start (a BOS anywhere but the n-gram's oldest token)."""
-    primes = primes_from(1_000_003, num_orders * num_heads)
     B, T = input_ids.shape
     history = [F.pad(input_ids, (i, 0), value=-1)[:, :T] for i in range(num_orders + 1)]  # history[i] = token t-i
     rows = []
@@ -837,7 +831,7 @@ def engram_rows(input_ids, num_orders, num_heads, buckets):
             j = (order - 1) * num_heads + head
             code = torch.zeros_like(input_ids)
             for i in range(order + 1):
-                code = (code * primes[j] + history[i] + 1) % (buckets - 1)
+                code = (code * ENGRAM_PRIMES[j] + history[i] + 1) % (buckets - 1)
             rows.append(j * buckets + torch.where(reserved, 0, code + 1))
     return torch.stack(rows, -1)
 
@@ -959,9 +953,9 @@ class FeedbackAdapters(nn.Module):
         self.scales = tag(nn.Parameter(torch.full((num_decoder, d), 0.1)), "scalar")
 
     def sketch(self, x):
-        sketch = prefix_mean(self.down(x))
+        sketch = prefix_mean(self.down(x).float())
         for _ in range(self.passes - 1):
-            sketch = prefix_mean(self.down(x + self.refine(sketch)))
+            sketch = prefix_mean(self.down(x + self.refine(sketch).to(x.dtype)).float())
         return sketch
 
     def read(self, sketch, decoder_index):
@@ -1073,13 +1067,13 @@ class GPT(nn.Module):
         """Add-ons that write into the residual stream before block `layer_index`: engram at ENGRAM_INJECT_LAYER,
         capsule bank and feedback sketch at the U-Net midpoint, feedback read-back in every decoder layer."""
         if self.engram is not None and layer_index == self.cfg.engram_inject_layer:
-            x = x + self.engram(x, ctx.input_ids)
+            x = x + self.engram(x, ctx.input_ids).to(x.dtype)
         if layer_index == self.num_encoder and self.capsules is not None:
-            x = x + self.capsules(x, ctx)
+            x = x + self.capsules(x, ctx).to(x.dtype)
         if layer_index == self.num_encoder and self.feedback is not None:
             ctx.sketch = self.feedback.sketch(x)
         if layer_index >= self.num_encoder and self.feedback is not None:
-            x = x + self.feedback.read(ctx.sketch, layer_index - self.num_encoder)
+            x = x + self.feedback.read(ctx.sketch, layer_index - self.num_encoder).to(x.dtype)
         return x
 
     def run_layers(self, input_ids, carry):

@@ -64,6 +64,13 @@ def test_engram_rows_use_only_current_and_previous_tokens():
     assert rows[0, 6, 0] != rows[0, 6, 1]                 # distinct primes per head
 
 
+def test_engram_tables_have_distinct_prime_multipliers():
+    """Every (order, head) table hashes with its own prime, enough for the largest allowed config."""
+    primes = train_gpt.ENGRAM_PRIMES
+    assert len(set(primes)) == len(primes) >= 3 * 4
+    assert all(all(p % d for d in range(2, int(p ** 0.5) + 1)) for p in primes)
+
+
 def test_engram_row_hits_count_every_lookup():
     """count_row_hits sums to positions * tables and matches a direct count of the row ids."""
     model = tiny_model(**OPTIONS["engram"])
