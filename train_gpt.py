@@ -76,6 +76,29 @@ SPEC = (
     ("SOFTCAP_TYPE", "poly", "poly (x/sqrt(1+(x/c)^2)) | tanh (c*tanh(x/c))"),
     ("PARALLEL_RESIDUAL_START", -1, "layers >= this use the parallel block (mixer and MLP read one norm); -1 = none"),
     ("SKC_LAYERS", "", "competition architecture: comma list of layer indices that are SKC layers"),
+    # --- model add-ons ---
+    ("BIGRAM_HASH_ENABLED", 0, "1 = add hashed n-gram (engram) embeddings of the current and previous tokens to the residual"),
+    ("BIGRAM_HASH_BUCKETS", 4096, "rows per engram table (row 0 is reserved for n-grams without enough history or crossing a BOS)"),
+    ("BIGRAM_HASH_DIM", 64, "width of each engram table row"),
+    ("ENGRAM_NUM_HEADS", 2, "engram tables per n-gram order, each with its own hash prime (1-4)"),
+    ("ENGRAM_NUM_ORDERS", 2, "n-gram orders: 1 = bigram, 2 = bi+trigram, 3 = bi+tri+4-gram"),
+    ("ENGRAM_INJECT_LAYER", 0, "the gated engram vector is added to the residual before this layer"),
+    ("CAPSULE_ENABLED", 0, "1 = causal capsule bank (prefix-pooled states + Koopman predictor) at the U-Net midpoint"),
+    ("CAPSULE_NUM", 16, "capsules in the bank"),
+    ("CAPSULE_DIM", 64, "width of each capsule state"),
+    ("KOOPMAN_RANK", 4, "rank of the low-rank part of the diagonal + low-rank capsule predictor"),
+    ("KOOPMAN_CONSISTENCY_WEIGHT", 0.1, "weight of the aux loss: predicted next capsule state vs the actual next pooled state"),
+    ("KOOPMAN_SPECULATIVE_STEPS", 1, "predictor steps applied to the pooled capsule state before it is read"),
+    ("KOOPMAN_HALT_THRESHOLD", 0.0, "stop a position's speculative steps once the update norm is below this (0 = never)"),
+    ("CAPSULE_CARRY_EVAL", 0, "1 = add the eval stage that carries capsule state across consecutive, already-scored windows"),
+    ("FEEDBACK_ENABLED", 0, "1 = decoder layers read a causal sketch (prefix mean) of the encoder output via small adapters"),
+    ("FEEDBACK_PASSES", 1, "refinements of the sketch (each pools the encoder output plus the previous sketch's read-back)"),
+    ("MOE_ENABLED", 0, "1 = the MLPs of the upper MOE_LAYER_FRAC of layers become mixtures of ternary experts"),
+    ("MOE_NUM_EXPERTS", 4, "experts per MoE layer"),
+    ("MOE_TOP_K", 1, "experts per token"),
+    ("MOE_LAYER_FRAC", 0.5, "fraction of layers (the upper ones) whose MLP is a MoE"),
+    ("MOE_START_FRACTION", 0.1, "training fraction from which routing is on; before it every token uses expert 0"),
+    ("MOE_AUX_WEIGHT", 0.01, "weight of the Switch load-balancing loss (mean over tokens)"),
     # --- training ---
     ("TRAIN_SEQ_LEN", 1024, "training context length"),
     ("TRAIN_BATCH_TOKENS", 524288, "global tokens per optimizer step, independent of world size"),
@@ -207,7 +230,20 @@ class Hyperparameters:
                  f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
         _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
         _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
+        self.validate_addons()
         self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
+
+    def validate_addons(self):
+        _require(self.bigram_hash_buckets >= 2, f"BIGRAM_HASH_BUCKETS={self.bigram_hash_buckets} must be >= 2 (row 0 is reserved)")
+        _require(self.bigram_hash_dim >= 1 and 1 <= self.engram_num_heads <= 4, "BIGRAM_HASH_DIM must be >= 1 and ENGRAM_NUM_HEADS in 1..4")
+        _require(1 <= self.engram_num_orders <= 3, f"ENGRAM_NUM_ORDERS={self.engram_num_orders}: 1 (bigram) .. 3 (up to 4-grams)")
+        _require(0 <= self.engram_inject_layer < self.num_layers, f"ENGRAM_INJECT_LAYER={self.engram_inject_layer} must index layers 0..{self.num_layers - 1}")
+        _require(min(self.capsule_num, self.capsule_dim, self.koopman_rank) >= 1, "CAPSULE_NUM, CAPSULE_DIM and KOOPMAN_RANK must be >= 1")
+        _require(self.koopman_speculative_steps >= 1, f"KOOPMAN_SPECULATIVE_STEPS={self.koopman_speculative_steps} must be >= 1")
+        _require(not self.capsule_carry_eval or self.capsule_enabled, "CAPSULE_CARRY_EVAL=1 needs CAPSULE_ENABLED=1")
+        _require(self.feedback_passes >= 1, f"FEEDBACK_PASSES={self.feedback_passes} must be >= 1")
+        _require(1 <= self.moe_top_k <= self.moe_num_experts, f"MOE_TOP_K={self.moe_top_k} must be in 1..MOE_NUM_EXPERTS={self.moe_num_experts}")
+        _require(0 < self.moe_layer_frac <= 1 and 0 <= self.moe_start_fraction <= 1, "MOE_LAYER_FRAC must be in (0, 1] and MOE_START_FRACTION in [0, 1]")
 
     def as_dict(self):
         return {name: getattr(self, name.lower()) for name, _, _ in SPEC}
@@ -667,6 +703,27 @@ class ModelConfig:
     architecture: str = "attn"
     skc_layers: tuple = ()
     fp_storage: str = "fp16"
+    bigram_hash_enabled: int = 0
+    bigram_hash_buckets: int = 4096
+    bigram_hash_dim: int = 64
+    engram_num_heads: int = 2
+    engram_num_orders: int = 2
+    engram_inject_layer: int = 0
+    capsule_enabled: int = 0
+    capsule_num: int = 16
+    capsule_dim: int = 64
+    koopman_rank: int = 4
+    koopman_consistency_weight: float = 0.1
+    koopman_speculative_steps: int = 1
+    koopman_halt_threshold: float = 0.0
+    feedback_enabled: int = 0
+    feedback_passes: int = 1
+    moe_enabled: int = 0
+    moe_num_experts: int = 4
+    moe_top_k: int = 1
+    moe_layer_frac: float = 0.5
+    moe_start_fraction: float = 0.1
+    moe_aux_weight: float = 0.01
 
     @classmethod
     def from_hparams(cls, hp):
@@ -690,6 +747,8 @@ class Context:
     rope: tuple
     aux_losses: list
     progress: torch.Tensor
+    carry: object = None   # capsule-bank state of earlier, already-scored windows in; the bank writes the new one
+    sketch: object = None  # feedback sketch of the encoder output, read by the decoder layers
 
 
 def rms_norm(x):
@@ -777,7 +836,7 @@ class MLP(nn.Module):
         self.down = TernaryLinear(hidden, cfg.model_dim, cfg.bitnet_group_size, zero_init=True)
         self.negative_slope = 0.5 if cfg.mlp_activation == "leaky_relu2" else 0.0
 
-    def forward(self, x):
+    def forward(self, x, ctx=None):
         return self.down(F.leaky_relu(self.up(x), self.negative_slope).square())
 
 
@@ -815,9 +874,213 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.damping
         if self.parallel:
-            return x + self.mixer_scale.to(x.dtype) * self.mixer(h, ctx) + self.mlp_scale.to(x.dtype) * self.mlp(h)
+            return x + self.mixer_scale.to(x.dtype) * self.mixer(h, ctx) + self.mlp_scale.to(x.dtype) * self.mlp(h, ctx)
         x = x + self.mixer_scale.to(x.dtype) * self.mixer(h, ctx)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.damping)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.damping, ctx)
+
+# -----------------------------------------------------------------------------------------------------------------
+# MODEL: ADD-ONS
+# Optional modules that write into the residual stream (GPT.addons) or replace an MLP (MoE). Each is built from
+# TernaryLinear / FPStored / tagged scalars, so it trains, exports and reloads like the rest; each is causal.
+# -----------------------------------------------------------------------------------------------------------------
+
+def prefix_mean(z):
+    """Causal pooling: position t gets the mean of z[:, :t+1]. z (B, T, ...) -> same shape."""
+    count = torch.arange(1, z.size(1) + 1, device=z.device, dtype=z.dtype).view(1, -1, *([1] * (z.dim() - 2)))
+    return z.cumsum(1) / count
+
+
+# One hash multiplier per engram table (order, head): the first 12 primes above 10^6 (ENGRAM_NUM_ORDERS <= 3 times
+# ENGRAM_NUM_HEADS <= 4); distinct primes decorrelate the tables' collisions.
+ENGRAM_PRIMES = (1000003, 1000033, 1000037, 1000039, 1000081, 1000099, 1000117, 1000121, 1000133, 1000151, 1000159, 1000171)
+
+
+def engram_rows(input_ids, num_orders, num_heads, buckets):
+    """(B, T) token ids -> (B, T, num_orders * num_heads) rows of the stacked engram tables. Table j = (order o,
+    head h) hashes the (o+1)-gram ending at t (tokens t-o..t, never a later one) with its own prime P_j:
+    hash = fold(hash * P_j + token + 1) mod (buckets - 1), bucket = hash + 1. Bucket 0 is reserved for n-grams that
+    reach before the window start or cross a document start (a BOS anywhere but the n-gram's oldest token)."""
+    B, T = input_ids.shape
+    history = [F.pad(input_ids, (i, 0), value=-1)[:, :T] for i in range(num_orders + 1)]  # history[i] = token t-i
+    rows = []
+    for order in range(1, num_orders + 1):
+        reserved = history[order] < 0
+        for i in range(order):
+            reserved = reserved | (history[i] == BOS_ID)
+        for head in range(num_heads):
+            j = (order - 1) * num_heads + head
+            code = torch.zeros_like(input_ids)
+            for i in range(order + 1):
+                code = (code * ENGRAM_PRIMES[j] + history[i] + 1) % (buckets - 1)
+            rows.append(j * buckets + torch.where(reserved, 0, code + 1))
+    return torch.stack(rows, -1)
+
+
+class EngramHash(nn.Module):
+    """Multi-head hashed n-gram embeddings (Engram-style). One table per (order, head), stacked row-wise in one
+    FP-stored matrix; lookups are concatenated, projected to the model width by a ternary matrix and added under a
+    context gate sigma(scale * cos(hidden, key) + bias), key = a ternary projection of the engram vector and scale
+    = 0.1 + 3.9 * sigmoid(param) in (0.1, 4). No train/eval difference."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.orders, self.heads, self.buckets = cfg.engram_num_orders, cfg.engram_num_heads, cfg.bigram_hash_buckets
+        tables, width = self.orders * self.heads, self.orders * self.heads * cfg.bigram_hash_dim
+        self.tables = FPStored(torch.randn(tables * self.buckets, cfg.bigram_hash_dim) * 0.02, cfg.fp_storage, "embed")
+        self.value = TernaryLinear(width, cfg.model_dim, cfg.bitnet_group_size)
+        self.key = TernaryLinear(width, cfg.model_dim, cfg.bitnet_group_size)
+        self.gate_scale = tag(nn.Parameter(torch.zeros(())), "scalar")
+        self.gate_bias = tag(nn.Parameter(torch.zeros(())), "scalar")
+        self.tables.weight.ttt_group = "engram"
+
+    def rows(self, input_ids):
+        return engram_rows(input_ids, self.orders, self.heads, self.buckets)
+
+    def count_row_hits(self, input_ids):
+        """How often each table row is looked up by these tokens: LongTensor (rows,), for row pruning."""
+        return torch.bincount(self.rows(input_ids).flatten(), minlength=self.tables.weight.size(0))
+
+    def forward(self, x, input_ids):
+        e = F.embedding(self.rows(input_ids), self.tables.effective_weight()).flatten(2).to(x.dtype)  # (B, T, width)
+        value, key = self.value(e), self.key(e)
+        scale = 0.1 + 3.9 * torch.sigmoid(self.gate_scale)
+        gate = torch.sigmoid(scale * F.cosine_similarity(x, key, dim=-1, eps=1e-6) + self.gate_bias).unsqueeze(-1)
+        return gate.to(x.dtype) * value
+
+
+KOOPMAN_DIAG_MAX = 0.998  # |diag| < 0.999 keeps the linear predictor contractive along its diagonal
+
+
+class CapsuleBank(nn.Module):
+    """Causal capsule bank with Koopman dynamics. Soft-assigns each position's value vector to CAPSULE_NUM capsules
+    and prefix-pools them (cumsum: position t sees positions <= t, plus a carry of earlier windows at eval). A
+    diagonal + low-rank linear predictor z -> diag*z + L R^T z is applied KOOPMAN_SPECULATIVE_STEPS times to the
+    pooled states; a position stops stepping once an update's norm is < KOOPMAN_HALT_THRESHOLD (a tensor mask, the
+    same in training and eval). A cold-start gate sigmoid(a log(1 + mass) + b) blends the predicted state with a
+    learned prior when a capsule has seen little mass; each position reads the capsules by attention. The
+    consistency loss compares predict(state_t) with the (detached) pooled state_{t+1}: it only trains, it never
+    feeds position t's output."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, c, k, g = cfg.model_dim, cfg.capsule_num, cfg.capsule_dim, cfg.bitnet_group_size
+        self.capsule_dim, self.steps = k, cfg.koopman_speculative_steps
+        self.halt_threshold, self.consistency_weight = cfg.koopman_halt_threshold, cfg.koopman_consistency_weight
+        self.assign, self.value = TernaryLinear(d, c, g), TernaryLinear(d, k, g)
+        self.query, self.out = TernaryLinear(d, k, g), TernaryLinear(k, d, g)
+        self.diag = tag(nn.Parameter(torch.full((k,), 0.9)), "scalar")
+        self.left = tag(nn.Parameter(torch.randn(k, cfg.koopman_rank) * 0.02), "scalar")
+        self.right = tag(nn.Parameter(torch.randn(k, cfg.koopman_rank) * 0.02), "scalar")
+        self.prior = tag(nn.Parameter(torch.randn(c, k) * 0.02), "scalar")
+        self.gate_scale = tag(nn.Parameter(torch.ones(())), "scalar")
+        self.gate_bias = tag(nn.Parameter(torch.zeros(())), "scalar")
+        for p in self.parameters():
+            p.ttt_group = "capsule_bank"
+
+    @torch.no_grad()
+    def post_step(self):
+        self.diag.clamp_(-KOOPMAN_DIAG_MAX, KOOPMAN_DIAG_MAX)
+
+    def predict(self, z):
+        """One Koopman step on capsule states z (..., k)."""
+        return z * self.diag.to(z.dtype) + (z @ self.right.to(z.dtype)) @ self.left.to(z.dtype).T
+
+    def speculate(self, z):
+        running = torch.ones_like(z[..., :1], dtype=torch.bool)
+        for _ in range(self.steps):
+            stepped = self.predict(z)
+            running = running & ((stepped - z).norm(dim=-1, keepdim=True) >= self.halt_threshold)
+            z = torch.where(running, stepped, z)
+        return z
+
+    def pool(self, x, carry):
+        """Prefix pools: (state (B, T, C, k), mass (B, T, C), new carry (B, C, k + 1) = sums up to the last position)."""
+        assign = torch.softmax(self.assign(x).float(), -1)                               # (B, T, C)
+        total = (assign.unsqueeze(-1) * self.value(x).float().unsqueeze(-2)).cumsum(1)   # (B, T, C, k)
+        mass = assign.cumsum(1)
+        if carry is not None:
+            total, mass = total + carry[:, None, :, :-1], mass + carry[:, None, :, -1]
+        new_carry = torch.cat([total[:, -1], mass[:, -1, :, None]], -1)
+        return total / (mass.unsqueeze(-1) + 1e-3), mass, new_carry
+
+    def forward(self, x, ctx):
+        state, mass, ctx.carry = self.pool(x, ctx.carry)
+        if self.consistency_weight > 0 and state.size(1) > 1:
+            error = self.predict(state[:, :-1]) - state[:, 1:].detach()
+            ctx.aux_losses.append(self.consistency_weight * error.square().mean())
+        gate = torch.sigmoid(self.gate_scale * torch.log1p(mass) + self.gate_bias).unsqueeze(-1)
+        read = gate * self.speculate(state) + (1 - gate) * self.prior                   # (B, T, C, k)
+        query = self.query(x).float()                                                      # (B, T, k)
+        weights = torch.softmax((read @ query.unsqueeze(-1)).squeeze(-1) * self.capsule_dim ** -0.5, -1)
+        return self.out((weights.unsqueeze(-1) * read).sum(-2).to(x.dtype))
+
+
+FEEDBACK_SKETCH_DIM = 64  # width of the feedback sketch (capped at MODEL_DIM)
+
+
+class FeedbackAdapters(nn.Module):
+    """Feedback from the encoder to the decoder: sketch = prefix mean (causal) of a ternary projection of the encoder
+    output; FEEDBACK_PASSES > 1 refines it, each pass pooling the encoder output plus the read-back of the previous
+    sketch. Decoder layer j adds adapter_j(sketch) (small ternary matrix, per-dim scale) to its input."""
+
+    def __init__(self, cfg, num_decoder):
+        super().__init__()
+        d, s, g = cfg.model_dim, min(FEEDBACK_SKETCH_DIM, cfg.model_dim), cfg.bitnet_group_size
+        self.passes = cfg.feedback_passes
+        self.down = TernaryLinear(d, s, g)
+        self.refine = TernaryLinear(s, d, g)
+        self.adapters = nn.ModuleList(TernaryLinear(s, d, g) for _ in range(num_decoder))
+        self.scales = tag(nn.Parameter(torch.full((num_decoder, d), 0.1)), "scalar")
+
+    def sketch(self, x):
+        sketch = prefix_mean(self.down(x).float())
+        for _ in range(self.passes - 1):
+            sketch = prefix_mean(self.down(x + self.refine(sketch).to(x.dtype)).float())
+        return sketch
+
+    def read(self, sketch, decoder_index):
+        return self.scales[decoder_index].to(sketch.dtype) * self.adapters[decoder_index](sketch)
+
+
+def moe_layer_indices(cfg):
+    """The upper round(MOE_LAYER_FRAC * NUM_LAYERS) layers (at least one) when MoE is on."""
+    if not cfg.moe_enabled:
+        return []
+    count = max(1, round(cfg.moe_layer_frac * cfg.num_layers))
+    return list(range(cfg.num_layers - count, cfg.num_layers))
+
+
+class MoEMLP(nn.Module):
+    """Mixture of ternary MLP experts with a top-k softmax router (Switch Transformer, Fedus et al. 2021): a token's
+    output is sum over its top-k experts of router_prob * expert(x). Before MOE_START_FRACTION of training every
+    token uses expert 0 with weight 1 (router warm-up); reloaded models run at progress 1, i.e. routed. Every expert
+    runs on every token and is masked (compile-friendly static shapes; all experts in the graph, so DDP never
+    waits on an unused parameter); an expert with no tokens gets an exactly-zero gradient, which Muon skips. The
+    load-balancing loss E * sum_e f_e P_e (f = fraction of routed assignments, P = mean router prob, both means
+    over tokens) is appended with weight MOE_AUX_WEIGHT."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.moe_num_experts, cfg.moe_top_k
+        self.start_fraction, self.aux_weight = cfg.moe_start_fraction, cfg.moe_aux_weight
+        self.router = FPStored(torch.randn(cfg.moe_num_experts, cfg.model_dim) * cfg.model_dim ** -0.5, cfg.fp_storage, "dense")
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.moe_num_experts))
+
+    def routing(self, x):
+        """Router probs (B, T, E) float32 and the 0/1 dispatch mask of each token's top-k experts."""
+        probs = torch.softmax(F.linear(x, self.router.effective_weight().to(x.dtype)).float(), -1)
+        dispatch = torch.zeros_like(probs).scatter(-1, probs.topk(self.top_k, -1).indices, 1.0)
+        return probs, dispatch
+
+    def forward(self, x, ctx):
+        probs, dispatch = self.routing(x)
+        routed = (ctx.progress >= self.start_fraction).float()
+        warmup = F.one_hot(torch.zeros_like(dispatch[..., 0], dtype=torch.long), self.num_experts).float()
+        combine = (routed * probs * dispatch + (1 - routed) * warmup).to(x.dtype)
+        if self.aux_weight > 0:
+            balance = self.num_experts * (dispatch.mean((0, 1)) / self.top_k * probs.mean((0, 1))).sum()
+            ctx.aux_losses.append(self.aux_weight * routed * balance)
+        return sum(combine[..., e, None] * expert(x) for e, expert in enumerate(self.experts))
 
 
 def softcap(logits, cap, kind):
@@ -847,6 +1110,11 @@ class GPT(nn.Module):
         cos, sin, self.rope_temperature = self._rope_tables(cfg.train_seq_len, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.engram = EngramHash(cfg) if cfg.bigram_hash_enabled else None
+        self.capsules = CapsuleBank(cfg) if cfg.capsule_enabled else None
+        self.feedback = FeedbackAdapters(cfg, cfg.num_layers - self.num_encoder) if cfg.feedback_enabled else None
+        for i in moe_layer_indices(cfg):
+            self.blocks[i].mlp = MoEMLP(cfg)
 
     def set_progress(self, fraction):
         """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
@@ -864,21 +1132,50 @@ class GPT(nn.Module):
             return self.rope_cos, self.rope_sin, self.rope_temperature
         return self._rope_tables(seq_len, device)
 
-    def hidden(self, input_ids):
+    def post_step(self):
+        """Constraints applied after every optimizer step (the TRAIN section calls it)."""
+        if self.capsules is not None:
+            self.capsules.post_step()
+
+    def hidden(self, input_ids, carry=None):
         """(B, T) token ids -> (B, T, D) final hidden states and the list of aux losses."""
-        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress)
+        hidden, ctx = self.run_layers(input_ids, carry)
+        return hidden, ctx.aux_losses
+
+    def hidden_with_carry(self, input_ids, carry):
+        """Like `hidden`, but also returns the capsule-bank state to carry into the next, contiguous window. `carry`
+        (None = nothing yet) must come only from earlier windows that are already scored."""
+        hidden, ctx = self.run_layers(input_ids, carry)
+        return hidden, ctx.carry
+
+    def addons(self, x, layer_index, ctx):
+        """Add-ons that write into the residual stream before block `layer_index`: engram at ENGRAM_INJECT_LAYER,
+        capsule bank and feedback sketch at the U-Net midpoint, feedback read-back in every decoder layer."""
+        if self.engram is not None and layer_index == self.cfg.engram_inject_layer:
+            x = x + self.engram(x, ctx.input_ids).to(x.dtype)
+        if layer_index == self.num_encoder and self.capsules is not None:
+            x = x + self.capsules(x, ctx).to(x.dtype)
+        if layer_index == self.num_encoder and self.feedback is not None:
+            ctx.sketch = self.feedback.sketch(x)
+        if layer_index >= self.num_encoder and self.feedback is not None:
+            x = x + self.feedback.read(ctx.sketch, layer_index - self.num_encoder).to(x.dtype)
+        return x
+
+    def run_layers(self, input_ids, carry):
+        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress, carry)
         x = F.embedding(input_ids, self.tok_emb.effective_weight())
         if self.embed_in is not None:
             x = F.linear(x, self.embed_in.effective_weight().to(x.dtype))
         x = x0 = rms_norm(x)
         skips = []
         for i, block in enumerate(self.blocks):
+            x = self.addons(x, i, ctx)
             if i >= self.num_encoder and skips and i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             x = block(x, x0, ctx)
             if i < self.num_encoder:
                 skips.append(x)
-        return rms_norm(x), ctx.aux_losses
+        return rms_norm(x), ctx
 
     def logits(self, hidden):
         if self.embed_out is not None:
@@ -1330,15 +1627,15 @@ def eval_stage(model, val_tokens, hp, tables, run, stride):
 
 
 def eval_plan(hp):
-    """Stages in their fixed order: roundtrip, sliding, ttt, ngram, evalengram (each only if enabled). Every later
+    """Stages in their fixed order: roundtrip, sliding, capsule_carry, ttt, ngram, evalengram (each if enabled). Every later
     stage keeps the earlier ones' features: all use sliding windows if SLIDING_EVAL=1, ngram runs on top of TTT
     if TTT is on, evalengram on top of both. The reported val_bpb is the last stage, declared before the run."""
     stride = hp.sliding_eval_stride if hp.sliding_eval else hp.eval_seq_len
     stages = [("roundtrip", hp.eval_seq_len)]
-    for name, enabled in (("sliding", hp.sliding_eval), ("ttt", hp.ttt_enabled), ("ngram", hp.ngram_cache_enabled),
-                          ("evalengram", hp.eval_engram_enabled)):
+    for name, enabled in (("sliding", hp.sliding_eval), ("capsule_carry", hp.capsule_carry_eval), ("ttt", hp.ttt_enabled),
+                          ("ngram", hp.ngram_cache_enabled), ("evalengram", hp.eval_engram_enabled)):
         if enabled:
-            stages.append((name, stride))
+            stages.append((name, hp.eval_seq_len if name == "capsule_carry" else stride))
     return stages
 
 
@@ -1351,8 +1648,8 @@ def run_eval_stack(model, val_tokens, hp, tables, run, log):
         if name != "roundtrip" and temperature is None:
             temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
         t0 = time.perf_counter()
-        if name == "roundtrip":
-            loss, bpb, count = eval_stage(model, val_tokens, hp, tables, run, stride)
+        if name in ("roundtrip", "capsule_carry"):
+            loss, bpb, count = (carry_stage if name == "capsule_carry" else eval_stage)(model, val_tokens, hp, tables, run, stride)
         else:
             features = {n for n, _ in plan[:index + 1]}
             outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature,
@@ -1758,6 +2055,38 @@ def check_artifact_matches(model, hp, path):
     if hp.ttt_enabled:
         ttt_parameters(model, hp.ttt_scope, hp.freeze_packed_engram)
 
+
+
+@torch.no_grad()
+def score_stream_with_carry(model, tokens, seq_len, tables, device, windows=None, carry_enabled=True, trace=None):
+    """Score non-overlapping windows in order, carrying the capsule-bank state: window k starts from the state pooled
+    over windows 0..k-1, which are all scored before it. Returns (NLL, bytes, targets) sums like score_windows.
+    trace (a list) gets, per window, ((start, start + length), [(start, end) ranges that fed its carry])."""
+    windows = windows if windows is not None else eval_windows(len(tokens), seq_len, seq_len)
+    totals, carry, fed = torch.zeros(3, dtype=torch.float64, device=device), None, []
+    for start, length, score_from in windows:
+        x, y = tokens[start:start + length][None].to(device), tokens[start + 1:start + length + 1][None].to(device)
+        with autocast(device):
+            hidden, new_carry = model.hidden_with_carry(x, carry if carry_enabled else None)
+            nll = F.cross_entropy(model.logits(hidden).flatten(0, 1), y.flatten(), reduction="none").double()
+        keep = torch.arange(length, device=device) >= score_from
+        totals += torch.stack([(nll * keep).sum(), (token_bytes(x, y, tables)[0].double() * keep).sum(), keep.sum().double()])
+        if trace is not None:
+            trace.append(((start, start + length), list(fed)))
+        if carry_enabled:
+            carry, fed = new_carry, fed + [(start, start + length)]
+    return totals
+
+
+def carry_stage(model, val_tokens, hp, tables, run, stride):
+    """The capsule_carry stage: each rank carries through its own contiguous range of non-overlapping windows."""
+    was_training = model.training
+    model.eval()
+    windows = rank_slice(eval_windows(len(val_tokens), hp.eval_seq_len, stride), run.rank, run.world_size)
+    totals = all_reduce_sum(score_stream_with_carry(model, val_tokens, hp.eval_seq_len, tables, run.device, windows))
+    model.train(was_training)
+    return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
+
 # -----------------------------------------------------------------------------------------------------------------
 # TRAIN
 # -----------------------------------------------------------------------------------------------------------------
@@ -1800,6 +2129,7 @@ def train_step(model, optimizers, loader, hp, run, accum, step, fraction):
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
+    getattr(model, "module", model).post_step()
     return total, scale
 
 
