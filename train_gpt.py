@@ -802,7 +802,7 @@ class MLP(nn.Module):
         return self.down(F.leaky_relu(self.up(x), self.negative_slope).square())
 
 
-SCAN_CHUNK = 64   # time steps per chunk of the parallel scan: one (chunk x chunk) decay matrix per chunk, T/chunk loop steps
+SCAN_CHUNK = 32   # time steps per scan chunk: (chunk x chunk) decays per channel, T/chunk loop steps (CPU: 32 ~2x faster than 64)
 KOOPMAN_RANK = 8  # rank of the Koopman SSM's low-rank state correction
 COUPLING_RANK = 4 # rank of the SKC capsule-coupling matrix
 
@@ -829,7 +829,7 @@ def chunked_scan(log_decay, inputs, initial, segments=None, chunk=None):
             valid = valid & (seg[:, :, None] == seg[:, None, :])
             carry = (seg == segments[:, max(start - 1, 0)][:, None]).unsqueeze(-1).float()
         exponent = (cumulative[:, :, None, :] - cumulative[:, None, :, :]).masked_fill(~valid[..., None], float("-inf"))
-        states = torch.einsum("btsc,bsc->btc", exponent.exp(), x) + carry * cumulative.exp() * state[:, None, :]
+        states = (exponent.exp() * x[:, None]).sum(2) + carry * cumulative.exp() * state[:, None, :]
         state = states[:, -1]
         outputs.append(states)
     return torch.cat(outputs, 1)

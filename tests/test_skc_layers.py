@@ -8,7 +8,6 @@ import torch
 
 import train_gpt
 from conftest import REPO, SP1024, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model
-from test_export import RELOAD_SCRIPT
 
 ARCHITECTURES = {
     "attn": dict(ARCHITECTURE="attn"),
@@ -220,6 +219,37 @@ def test_stochastic_depth_and_ternary_noise_are_training_only():
     assert 0.15 < (keep == 0).float().mean() < 0.35
 
 
+def test_training_mode_regularizers_are_causal():
+    """In training mode (same random draws for both inputs) stochastic depth and weight noise stay causal."""
+    model = perturbed_model(ARCHITECTURE="hybrid", STOCHASTIC_DEPTH=0.5, TERNARY_NOISE_SCALE=0.5).train()
+    x = torch.randint(0, 1024, (4, 40))
+    x2 = x.clone()
+    x2[:, 21:] = torch.randint(0, 1024, (4, 19))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = model.logits(model.hidden(x)[0])
+        torch.manual_seed(7)
+        b = model.logits(model.hidden(x2)[0])
+    assert torch.allclose(a[:, :21], b[:, :21], atol=1e-5) and not torch.allclose(a[:, 21:], b[:, 21:])
+
+
+def test_ternary_noise_is_scaled_by_the_group_absmean():
+    """noisy codes = quantize(w + s * absmean(group of w) * N(0, 1)); the STE still sends the gradient to w."""
+    torch.manual_seed(0)
+    layer = train_gpt.TernaryLinear(48, 6, 16)
+    layer.noise_scale = 0.3
+    w = layer.weight.detach()
+    absmean = w.view(6, 3, 16).abs().mean(-1, keepdim=True).expand(6, 3, 16).reshape(6, 48)
+    torch.manual_seed(1)
+    codes, scales = layer.noisy_quantize()
+    torch.manual_seed(1)
+    expected = train_gpt.ternary_quantize(w + 0.3 * absmean.half().float() * torch.randn_like(w), 16)
+    assert torch.equal(codes, expected[0]) and torch.equal(scales, expected[1])
+    assert not torch.equal(codes, layer.quantize()[0])
+    layer(torch.randn(3, 48)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
 def test_curriculum_lengths_are_powers_of_two_and_train_step_keeps_tokens():
     """curriculum_seq_len rises monotonically over powers of two to the full length; train_step reshapes (B, T)."""
     lengths = [train_gpt.curriculum_seq_len(f / 100, 32, 1024, 0.5) for f in range(101)]
@@ -256,21 +286,38 @@ EXPORT_CASES = dict(ARCHITECTURES, options=dict(ARCHITECTURE="competition", SKC_
                                                  RECURRENCE_LAYERS="2", RECURRENCE_START_FRACTION=0.5))
 
 
-@pytest.mark.parametrize("name", list(EXPORT_CASES))
-def test_fresh_process_reload_is_exact_for_every_architecture(name, tmp_path):
-    """serialize -> compress -> write -> load in a fresh process: token NLL identical (progress 1.0 on both)."""
-    model = perturbed_model(**EXPORT_CASES[name]).eval()
-    path = tmp_path / "model.skc"
-    train_gpt.write_artifact(path, train_gpt.compress_payload(train_gpt.serialize_model(model)))
+RELOAD_ALL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train_gpt
+batch = torch.load({batch!r})
+nlls = {{}}
+for name in {names!r}:
+    model = train_gpt.load_model_from_artifact({directory!r} + "/" + name + ".skc", "cpu").eval()
+    with torch.no_grad():
+        nlls[name] = model.token_nll(*batch)
+torch.save(nlls, {result!r})
+"""
+
+
+def test_fresh_process_reload_is_exact_for_every_architecture(tmp_path):
+    """serialize -> compress -> write -> load in one fresh process: token NLL identical for every architecture."""
     torch.manual_seed(3)
     batch = (torch.randint(0, 1024, (2, 48)), torch.randint(0, 1024, (2, 48)))
     batch[0][:, 20] = train_gpt.BOS_ID
     torch.save(batch, tmp_path / "batch.pt")
-    script = RELOAD_SCRIPT.format(repo=str(REPO), path=str(path), batch=str(tmp_path / "batch.pt"), result=str(tmp_path / "out.pt"))
+    expected = {}
+    for name, overrides in EXPORT_CASES.items():
+        model = perturbed_model(**overrides).eval()
+        train_gpt.write_artifact(tmp_path / f"{name}.skc", train_gpt.compress_payload(train_gpt.serialize_model(model)))
+        with torch.no_grad():
+            expected[name] = model.token_nll(*batch)
+    script = RELOAD_ALL_SCRIPT.format(repo=str(REPO), batch=str(tmp_path / "batch.pt"), names=list(EXPORT_CASES),
+                                      directory=str(tmp_path), result=str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", script], check=True)
-    nll, _ = torch.load(tmp_path / "out.pt")
-    with torch.no_grad():
-        assert torch.equal(nll, model.token_nll(*batch))
+    reloaded = torch.load(tmp_path / "out.pt")
+    for name in EXPORT_CASES:
+        assert torch.equal(reloaded[name], expected[name]), name
 
 
 def test_ddp_run_with_skc_layer_and_options_finishes(tiny_data, tmp_path):
