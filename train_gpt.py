@@ -76,6 +76,26 @@ SPEC = (
     ("SOFTCAP_TYPE", "poly", "poly (x/sqrt(1+(x/c)^2)) | tanh (c*tanh(x/c))"),
     ("PARALLEL_RESIDUAL_START", -1, "layers >= this use the parallel block (mixer and MLP read one norm); -1 = none"),
     ("SKC_LAYERS", "", "competition architecture: comma list of layer indices that are SKC layers"),
+    ("SKC_NUM_CAPSULES", 16, "SKC layer: capsules each position routes its spectral features to"),
+    ("SKC_CAPSULE_DIM", 64, "SKC layer: width of a capsule state"),
+    ("SKC_CONV_KERNEL", 4, "SKC and Koopman layers: taps of the causal depthwise conv (left padding only)"),
+    ("SKC_BLOCK_SIZE", 64, "SKC layer: period of the frequency-band routing term (position t mod SKC_BLOCK_SIZE)"),
+    ("SKC_PARALLEL_RESIDUAL", 0, "1 = SKC layers use the parallel block (SKC branch and MLP read one norm, one residual add)"),
+    ("SKC_AMP_RAMP_FRACTION", 0.1, "with SKC_PARALLEL_RESIDUAL: the SKC branch ramps 0 -> 1 over this training fraction"),
+    ("SKC_AUX_ENTROPY_FRACTION", 0.0, "weight of the mean capsule-routing entropy (nats) added to the loss per SKC layer; 0 = off"),
+    ("RESET_SSM_ON_BOS", 1, "1 = Koopman SSM state and conv restart at every BOS token (documents do not leak into each other)"),
+    ("XSA_START_LAYER", -1, "attention layers >= this remove the component along the token's own value vector (XSA); -1 = off"),
+    ("VRL_ENABLED", 0, "1 = value residual: attention layers >= VRL_START_LAYER mix in the first attention layer's values"),
+    ("VRL_START_LAYER", 1, "first layer index that mixes in the first attention layer's values (VRL_ENABLED=1)"),
+    ("SHARED_BLOCKS", 0, "distinct blocks; layer i runs block i % SHARED_BLOCKS with its own scales (0 = no sharing)"),
+    ("RECURRENCE_LAYERS", "", "comma list of layer indices run again RECURRENCE_DEPTH extra times (depth recurrence)"),
+    ("RECURRENCE_DEPTH", 1, "extra passes of each RECURRENCE_LAYERS layer"),
+    ("RECURRENCE_START_FRACTION", 0.0, "depth recurrence switches on at this training fraction (always on at eval)"),
+    ("STOCHASTIC_DEPTH", 0.0, "largest per-sample drop probability of a block's residual branches (last layer; linear in depth; training only)"),
+    ("TERNARY_NOISE_SCALE", 0.0, "training-only Gaussian noise on latent ternary weights before quantization, times the group absmean; 0 = off"),
+    ("CURRICULUM_ENABLED", 0, "1 = sequence-length curriculum at constant tokens per step (training only)"),
+    ("CURRICULUM_MIN_SEQ_LEN", 128, "curriculum start length (a power of two <= TRAIN_SEQ_LEN)"),
+    ("CURRICULUM_END_FRACTION", 0.3, "training fraction at which the curriculum reaches TRAIN_SEQ_LEN"),
     # --- model add-ons ---
     ("BIGRAM_HASH_ENABLED", 0, "1 = add hashed n-gram (engram) embeddings of the current and previous tokens to the residual"),
     ("BIGRAM_HASH_BUCKETS", 4096, "rows per engram table (row 0 is reserved for n-grams without enough history or crossing a BOS)"),
@@ -216,6 +236,7 @@ class Hyperparameters:
         _require(0 <= self.warmup_fraction + self.warmdown_fraction <= 1, "WARMUP_FRACTION + WARMDOWN_FRACTION must be in [0, 1]")
         self.skc_layers = tuple(int(s) for s in self.skc_layers.split(",") if s.strip())
         _require(all(0 <= i < self.num_layers for i in self.skc_layers), f"SKC_LAYERS={self.skc_layers} must index layers 0..{self.num_layers - 1}")
+        self.validate_layer_options()
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
         _require(1 <= self.sliding_eval_stride <= self.eval_seq_len, f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
         _require(not self.eval_only or self.artifact, "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact")
@@ -231,6 +252,7 @@ class Hyperparameters:
         _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
         _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
         self.validate_addons()
+        _require(not (self.moe_enabled and self.shared_blocks), "MOE_ENABLED=1 with SHARED_BLOCKS > 0 is not supported: set one of them to 0")
         self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
 
     def validate_addons(self):
@@ -244,6 +266,30 @@ class Hyperparameters:
         _require(self.feedback_passes >= 1, f"FEEDBACK_PASSES={self.feedback_passes} must be >= 1")
         _require(1 <= self.moe_top_k <= self.moe_num_experts, f"MOE_TOP_K={self.moe_top_k} must be in 1..MOE_NUM_EXPERTS={self.moe_num_experts}")
         _require(0 < self.moe_layer_frac <= 1 and 0 <= self.moe_start_fraction <= 1, "MOE_LAYER_FRAC must be in (0, 1] and MOE_START_FRACTION in [0, 1]")
+
+    def validate_layer_options(self):
+        """SKC / Koopman layers, XSA, VRL, shared blocks, recurrence, regularizers, curriculum."""
+        for name in ("skc_num_capsules", "skc_capsule_dim", "skc_conv_kernel", "skc_block_size", "recurrence_depth"):
+            _require(getattr(self, name) >= 1, f"{name.upper()}={getattr(self, name)} must be >= 1")
+        _require(0 <= self.skc_amp_ramp_fraction <= 1, f"SKC_AMP_RAMP_FRACTION={self.skc_amp_ramp_fraction} must be in [0, 1]")
+        _require(self.skc_aux_entropy_fraction >= 0, f"SKC_AUX_ENTROPY_FRACTION={self.skc_aux_entropy_fraction} must be >= 0")
+        _require(self.xsa_start_layer >= -1, f"XSA_START_LAYER={self.xsa_start_layer} must be -1 (off) or a layer index")
+        _require(self.vrl_start_layer >= 0, f"VRL_START_LAYER={self.vrl_start_layer} must be >= 0")
+        _require(0 <= self.shared_blocks <= self.num_layers, f"SHARED_BLOCKS={self.shared_blocks} must be in [0, NUM_LAYERS={self.num_layers}]")
+        try:
+            recurrence_layers = [int(s) for s in self.recurrence_layers.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"RECURRENCE_LAYERS={self.recurrence_layers!r} must be a comma list of layer indices") from None
+        _require(all(0 <= i < self.num_layers for i in recurrence_layers), f"RECURRENCE_LAYERS={self.recurrence_layers} must index layers 0..{self.num_layers - 1}")
+        _require(0 <= self.recurrence_start_fraction <= 1, f"RECURRENCE_START_FRACTION={self.recurrence_start_fraction} must be in [0, 1]")
+        _require(0 <= self.stochastic_depth < 1, f"STOCHASTIC_DEPTH={self.stochastic_depth} must be in [0, 1)")
+        _require(self.ternary_noise_scale >= 0, f"TERNARY_NOISE_SCALE={self.ternary_noise_scale} must be >= 0")
+        if self.curriculum_enabled:
+            power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+            _require(power_of_two(self.train_seq_len), f"CURRICULUM_ENABLED=1 needs TRAIN_SEQ_LEN={self.train_seq_len} to be a power of two")
+            _require(power_of_two(self.curriculum_min_seq_len) and self.curriculum_min_seq_len <= self.train_seq_len,
+                     f"CURRICULUM_MIN_SEQ_LEN={self.curriculum_min_seq_len} must be a power of two <= TRAIN_SEQ_LEN={self.train_seq_len}")
+            _require(0 < self.curriculum_end_fraction <= 1, f"CURRICULUM_END_FRACTION={self.curriculum_end_fraction} must be in (0, 1]")
 
     def as_dict(self):
         return {name: getattr(self, name.lower()) for name, _, _ in SPEC}
@@ -622,6 +668,8 @@ class TernaryLinear(nn.Module):
     the weight holds the dequantized codes and is used as is. `scale_mult` / `threshold` are export
     calibration buffers (default: plain absmean rounding)."""
 
+    noise_scale = 0.0  # TERNARY_NOISE_SCALE, set by GPT; training-only noise on the latent weight before quantization
+
     def __init__(self, in_features, out_features, group_size, rotate=False, zero_init=False):
         super().__init__()
         self.group_size, self.rotate, self.frozen = group_size, rotate, False
@@ -641,7 +689,17 @@ class TernaryLinear(nn.Module):
     def effective_weight(self):
         if self.frozen:
             return self.weight
+        if self.training and self.noise_scale > 0:
+            return StraightThrough.apply(self.weight, ternary_dequantize(*self.noisy_quantize(), self.group_size, self.rotate))
         return StraightThrough.apply(self.weight, ternary_dequantize(*self.quantize(), self.group_size, self.rotate))
+
+    def noisy_quantize(self):
+        """Quantize latent + noise_scale * (group absmean) * N(0, 1): codes near a threshold flip at random."""
+        latent = self.weight.detach()
+        _, scales = ternary_quantize(latent, self.group_size, rotate=self.rotate)
+        absmean = scales.float().repeat_interleave(self.group_size, dim=1)[:, :latent.size(1)]
+        noisy = latent + self.noise_scale * absmean * torch.randn_like(latent)
+        return ternary_quantize(noisy, self.group_size, self.scale_mult, self.threshold, self.rotate)
 
     def load_quantized(self, codes, scales):
         self.stored = (codes, scales)
@@ -702,6 +760,23 @@ class ModelConfig:
     parallel_residual_start: int = -1
     architecture: str = "attn"
     skc_layers: tuple = ()
+    skc_num_capsules: int = 16
+    skc_capsule_dim: int = 64
+    skc_conv_kernel: int = 4
+    skc_block_size: int = 64
+    skc_parallel_residual: int = 0
+    skc_amp_ramp_fraction: float = 0.1
+    skc_aux_entropy_fraction: float = 0.0
+    reset_ssm_on_bos: int = 1
+    xsa_start_layer: int = -1
+    vrl_enabled: int = 0
+    vrl_start_layer: int = 1
+    shared_blocks: int = 0
+    recurrence_layers: str = ""
+    recurrence_depth: int = 1
+    recurrence_start_fraction: float = 0.0
+    stochastic_depth: float = 0.0
+    ternary_noise_scale: float = 0.0
     fp_storage: str = "fp16"
     bigram_hash_enabled: int = 0
     bigram_hash_buckets: int = 4096
@@ -749,6 +824,7 @@ class Context:
     progress: torch.Tensor
     carry: object = None   # capsule-bank state of earlier, already-scored windows in; the bank writes the new one
     sketch: object = None  # feedback sketch of the encoder output, read by the decoder layers
+    first_value: torch.Tensor = None  # VRL: the first attention layer's values (B, T, KV, hd)
 
 
 def rms_norm(x):
@@ -813,17 +889,43 @@ class CausalSelfAttention(nn.Module):
         self.v = TernaryLinear(d, cfg.num_kv_heads * hd, g)
         self.proj = TernaryLinear(cfg.num_heads * hd, d, g, zero_init=True)
         self.q_gain = tag(nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init)), "scalar")
+        self.xsa = 0 <= cfg.xsa_start_layer <= layer_index
+        self.vrl = bool(cfg.vrl_enabled)
+        mixes_first_value = self.vrl and layer_index >= cfg.vrl_start_layer
+        self.vrl_lambda = tag(nn.Parameter(torch.full((), 0.5)), "scalar") if mixes_first_value else None
 
     def forward(self, x, ctx):
         B, T, _ = x.shape
         q = rms_norm(self.q(x).view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(self.k(x).view(B, T, self.num_kv_heads, self.head_dim))
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.vrl:
+            v = self.value_residual(v, ctx)
         cos, sin, temperature = ctx.rope
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         q = q * (self.q_gain * temperature).to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, -1))
+
+    def value_residual(self, v, ctx):
+        """VRL (Zhou et al. 2024, value residual learning): v = lambda v + (1 - lambda) v_first. The first attention
+        layer of the forward pass stores its v in the Context; a first layer that also mixes mixes with itself."""
+        if ctx.first_value is None:
+            ctx.first_value = v
+        if self.vrl_lambda is None:
+            return v
+        lam = self.vrl_lambda.to(v.dtype)
+        return lam * v + (1 - lam) * ctx.first_value
+
+
+def exclude_self_value(y, v):
+    """XSA (exclusive self attention): remove from each head's output y (B, T, H, hd) its component along the
+    token's own value direction; GQA query head h uses kv head h // (H / KV)."""
+    v = v.repeat_interleave(y.size(2) // v.size(2), dim=2)
+    direction = F.normalize(v, dim=-1)
+    return y - (y * direction).sum(-1, keepdim=True) * direction
 
 
 class MLP(nn.Module):
@@ -840,7 +942,161 @@ class MLP(nn.Module):
         return self.down(F.leaky_relu(self.up(x), self.negative_slope).square())
 
 
-MIXERS = {"attn": CausalSelfAttention}
+SCAN_CHUNK = 32   # time steps per scan chunk: (chunk x chunk) decays per channel, T/chunk loop steps (CPU: 32 ~2x faster than 64)
+KOOPMAN_RANK = 8  # rank of the Koopman SSM's low-rank state correction
+COUPLING_RANK = 4 # rank of the SKC capsule-coupling matrix
+
+
+def chunked_scan(log_decay, inputs, initial, segments=None, chunk=None):
+    """Linear recurrence state_t = exp(log_decay_t) * state_{t-1} + inputs_t for every channel, state_{-1} = initial.
+    log_decay broadcastable to inputs (B, T, C), initial broadcastable to (B, C) -> states (B, T, C), float32.
+    Within a chunk: state_t = exp(L_t) carry + sum_{s<=t} exp(L_t - L_s) inputs_s with L the cumulative log decay;
+    the exponent is masked to s <= t before exp, so nothing overflows. Only the T/chunk chunks are looped over.
+    `segments` (B, T) document ids: a position starts from a zero state when its id differs from the previous one."""
+    B, T, C = inputs.shape
+    chunk = chunk or SCAN_CHUNK
+    log_decay = log_decay.float().expand(B, T, C)
+    inputs, state = inputs.float(), initial.float().expand(B, C)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=inputs.device).tril()
+    outputs = []
+    for start in range(0, T, chunk):
+        x, cumulative = inputs[:, start:start + chunk], log_decay[:, start:start + chunk].cumsum(1)  # (B, n, C)
+        n = x.size(1)
+        valid = causal[:n, :n].expand(B, n, n)
+        carry = torch.ones(B, n, 1, device=inputs.device)
+        if segments is not None:
+            seg = segments[:, start:start + n]
+            valid = valid & (seg[:, :, None] == seg[:, None, :])
+            carry = (seg == segments[:, max(start - 1, 0)][:, None]).unsqueeze(-1).float()
+        exponent = (cumulative[:, :, None, :] - cumulative[:, None, :, :]).masked_fill(~valid[..., None], float("-inf"))
+        states = (exponent.exp() * x[:, None]).sum(2) + carry * cumulative.exp() * state[:, None, :]
+        state = states[:, -1]
+        outputs.append(states)
+    return torch.cat(outputs, 1)
+
+
+def causal_depthwise_conv(x, weight, segments=None):
+    """y_t = sum_j weight[:, K-1-j] * x_{t-j}: x (B, T, C), weight (C, K); left zero padding only, so y_t reads
+    x_{<=t}. With `segments` (B, T), taps reaching into an earlier document read zero."""
+    T, K = x.size(1), weight.size(1)
+    y = x * weight[:, -1].to(x.dtype)
+    for j in range(1, min(K, T)):
+        shifted = F.pad(x, (0, 0, j, 0))[:, :T]
+        if segments is not None:
+            shifted = shifted * (segments == F.pad(segments, (j, 0), value=-1)[:, :T]).unsqueeze(-1).to(x.dtype)
+        y = y + shifted * weight[:, K - 1 - j].to(x.dtype)
+    return y
+
+
+def skc_tag(param, route):
+    """Tag a parameter the TTT evaluator's `skc_safe` scope may adapt (SKC decays, conv weights, residual mixes)."""
+    param.ttt_group = "skc"
+    return tag(param, route)
+
+
+class CapsuleRouter(nn.Module):
+    """Routing logits (B, T, N) over N capsules: a frequency-band term (learned table over position t mod block)
+    plus a content term (ternary projection of the spectral features)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.content = TernaryLinear(cfg.model_dim, cfg.skc_num_capsules, cfg.bitnet_group_size)
+        self.band = tag(nn.Parameter(torch.randn(cfg.skc_block_size, cfg.skc_num_capsules) * 0.1), "scalar")
+
+    def forward(self, features):
+        T = features.size(1)
+        positions = torch.arange(T, device=features.device) % self.band.size(0)
+        return self.content(features).float() + self.band[positions]
+
+
+class SKCMixer(nn.Module):
+    """Spectral Koopman Capsule token mixer. Ternary projection to C = MODEL_DIM spectral channels and a sigmoid
+    gate -> per-channel learned-decay scan (decay 0.999 sigmoid(p), learned initial state) -> routing of the
+    spectral features to N capsules -> capsules are causal prefix pools (routing-weighted mean of features
+    s <= t) evolved by one Koopman step (per-capsule eigenvalues, low-rank coupling of Frobenius norm <= 1,
+    gated tanh) -> synthesis back to positions with the same routing -> causal depthwise conv -> normed ternary
+    output projection. Every op mixes time only through the scan, cumsums and the left-padded conv."""
+
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        d, g, n, k = cfg.model_dim, cfg.bitnet_group_size, cfg.skc_num_capsules, cfg.skc_capsule_dim
+        self.spectral = TernaryLinear(d, 2 * d, g)
+        self.decay_logit = skc_tag(nn.Parameter(torch.linspace(1.0, 6.0, d)), "scalar")  # decays 0.73 .. 0.997
+        self.initial_state = skc_tag(nn.Parameter(torch.zeros(d)), "scalar")
+        self.router = CapsuleRouter(cfg)
+        self.to_capsule = TernaryLinear(d, k, g)
+        self.eigen_logit = tag(nn.Parameter(torch.linspace(0.5, 3.0, n)), "scalar")  # eigenvalues tanh: 0.46 .. 0.995
+        self.coupling_in = tag(nn.Parameter(torch.randn(n, COUPLING_RANK) * 0.1), "scalar")
+        self.coupling_out = tag(nn.Parameter(torch.randn(n, COUPLING_RANK) * 0.1), "scalar")
+        self.nonlinear_gate = tag(nn.Parameter(torch.zeros(n)), "scalar")
+        self.from_capsule = TernaryLinear(k, d, g)
+        self.capsule_mix = skc_tag(nn.Parameter(torch.ones(d)), "scalar")
+        self.conv = skc_tag(nn.Parameter(torch.randn(d, cfg.skc_conv_kernel) * cfg.skc_conv_kernel ** -0.5), "scalar")
+        self.conv_mix = skc_tag(nn.Parameter(torch.ones(d)), "scalar")
+        self.proj = TernaryLinear(d, d, g, zero_init=True)
+        self.amp_ramp = cfg.skc_amp_ramp_fraction if cfg.skc_parallel_residual else 0.0
+        self.entropy_weight = cfg.skc_aux_entropy_fraction
+
+    def forward(self, x, ctx):
+        signal, gate = self.spectral(x).chunk(2, dim=-1)
+        log_decay = math.log(0.999) + F.logsigmoid(self.decay_logit)
+        features = chunked_scan(log_decay, torch.sigmoid(gate) * signal, self.initial_state).to(x.dtype)  # (B, T, D)
+        logits = self.router(features)                                                                 # (B, T, N)
+        routes = logits.softmax(-1)
+        if self.entropy_weight > 0:
+            entropy = -(routes * logits.log_softmax(-1)).sum(-1).mean()
+            ctx.aux_losses.append(self.entropy_weight * entropy)
+        capsules = self.evolve(self.pool(routes, self.to_capsule(features).float()))                  # (B, T, N, K)
+        synthesis = torch.einsum("btn,btnk->btk", routes, capsules).to(x.dtype)
+        y = features + self.capsule_mix.to(x.dtype) * self.from_capsule(synthesis)
+        y = y + self.conv_mix.to(x.dtype) * causal_depthwise_conv(y, self.conv)
+        out = self.proj(rms_norm(y))
+        if self.amp_ramp > 0:
+            out = out * (ctx.progress / self.amp_ramp).clamp(max=1.0).to(out.dtype)
+        return out
+
+    @staticmethod
+    def pool(routes, features):
+        """Capsule n at t = sum_{s<=t} r_{s,n} f_s / sum_{s<=t} r_{s,n}: routes (B, T, N), features (B, T, K)."""
+        mass = routes.cumsum(1).unsqueeze(-1)
+        return torch.einsum("btn,btk->btnk", routes, features).cumsum(1) / (mass + 1e-6)
+
+    def evolve(self, capsules):
+        """One Koopman step: per-capsule eigenvalue, low-rank coupling scaled to Frobenius norm <= 1, gated tanh."""
+        coupling = self.coupling_out @ self.coupling_in.T
+        coupling = coupling / coupling.norm().clamp_min(1.0)
+        evolved = torch.tanh(self.eigen_logit)[:, None] * capsules + torch.einsum("nm,btmk->btnk", coupling, capsules)
+        return evolved + torch.sigmoid(self.nonlinear_gate)[:, None] * torch.tanh(evolved)
+
+
+class KoopmanSSM(nn.Module):
+    """Koopman token mixer: short causal conv on the value, input-dependent decay exp(-softplus(dt)), input gated by
+    (1 - decay), the shared chunked scan, a low-rank correction of the state readout, SiLU output gate, normed
+    ternary projection. With RESET_SSM_ON_BOS the state and the conv restart at every BOS."""
+
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        d, g = cfg.model_dim, cfg.bitnet_group_size
+        self.inp = TernaryLinear(d, 3 * d, g)  # value, step size, output gate
+        self.dt_bias = tag(nn.Parameter(torch.log(torch.expm1(torch.logspace(-3, -1, d)))), "scalar")  # decays 0.999 .. 0.905
+        self.conv = tag(nn.Parameter(torch.randn(d, cfg.skc_conv_kernel) * cfg.skc_conv_kernel ** -0.5), "scalar")
+        self.correction_down = TernaryLinear(d, KOOPMAN_RANK, g)
+        self.correction_up = TernaryLinear(KOOPMAN_RANK, d, g, zero_init=True)
+        self.proj = TernaryLinear(d, d, g, zero_init=True)
+        self.reset_on_bos = bool(cfg.reset_ssm_on_bos)
+
+    def forward(self, x, ctx):
+        segments = (ctx.input_ids == BOS_ID).long().cumsum(1) if self.reset_on_bos else None
+        value, dt, gate = self.inp(x).chunk(3, dim=-1)
+        value = F.silu(causal_depthwise_conv(value, self.conv, segments))
+        step = F.softplus(dt.float() + self.dt_bias)
+        states = chunked_scan(-step, -torch.expm1(-step) * value.float(), torch.zeros_like(self.dt_bias), segments)
+        states = states.to(x.dtype)
+        states = states + self.correction_up(self.correction_down(states))
+        return self.proj(rms_norm(states * F.silu(gate)))
+
+
+MIXERS = {"attn": CausalSelfAttention, "skc": SKCMixer, "koopman_ssm": KoopmanSSM}
 
 
 def layer_kinds(cfg):
@@ -855,28 +1111,55 @@ def layer_kinds(cfg):
     return ["skc" if i in cfg.skc_layers else "attn" for i in range(n)]
 
 
+def add_layer_scales(module, cfg, layer_index, kind):
+    """Per-layer residual scales, residual mix with x0, LN damping, block layout and stochastic-depth probability,
+    set on a Block (its own layer) or a LayerScales (a later layer reusing a shared block's mixer and MLP)."""
+    d = cfg.model_dim
+    module.mixer_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
+    module.mlp_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
+    module.resid_mix = tag(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
+    if kind == "skc":
+        skc_tag(module.resid_mix, "scalar")
+    module.parallel = 0 <= cfg.parallel_residual_start <= layer_index or (kind == "skc" and bool(cfg.skc_parallel_residual))
+    module.damping = 1.0 / math.sqrt(layer_index + 1)
+    module.drop_prob = cfg.stochastic_depth * layer_index / max(cfg.num_layers - 1, 1)
+
+
+class LayerScales(nn.Module):
+    """The scales of one layer that runs a shared block (SHARED_BLOCKS)."""
+
+    def __init__(self, cfg, layer_index, kind):
+        super().__init__()
+        add_layer_scales(self, cfg, layer_index, kind)
+
+
+def branch_keep(x, drop_prob, training):
+    """Stochastic depth: per-sample keep mask (B, 1, 1) scaled by 1/(1-p) while training; 1.0 otherwise."""
+    if not training or drop_prob <= 0:
+        return 1.0
+    keep = torch.rand(x.size(0), 1, 1, device=x.device) >= drop_prob
+    return keep.to(x.dtype) / (1.0 - drop_prob)
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer_index, kind):
         super().__init__()
         if kind not in MIXERS:
             raise ConfigError(f"layer type {kind!r} (ARCHITECTURE={cfg.architecture}) is not implemented; known: {sorted(MIXERS)}")
-        d = cfg.model_dim
         self.mixer = MIXERS[kind](cfg, layer_index)
         self.mlp = MLP(cfg)
-        self.mixer_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
-        self.mlp_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
-        self.resid_mix = tag(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
-        self.parallel = 0 <= cfg.parallel_residual_start <= layer_index
-        self.damping = 1.0 / math.sqrt(layer_index + 1)
+        add_layer_scales(self, cfg, layer_index, kind)
 
-    def forward(self, x, x0, ctx):
-        mix = self.resid_mix.to(x.dtype)
+    def forward(self, x, x0, ctx, scales=None):
+        s = self if scales is None else scales
+        keep = branch_keep(x, s.drop_prob, self.training)
+        mix = s.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        h = rms_norm(x) * self.damping
-        if self.parallel:
-            return x + self.mixer_scale.to(x.dtype) * self.mixer(h, ctx) + self.mlp_scale.to(x.dtype) * self.mlp(h, ctx)
-        x = x + self.mixer_scale.to(x.dtype) * self.mixer(h, ctx)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.damping, ctx)
+        h = rms_norm(x) * s.damping
+        if s.parallel:
+            return x + keep * (s.mixer_scale.to(x.dtype) * self.mixer(h, ctx) + s.mlp_scale.to(x.dtype) * self.mlp(h, ctx))
+        x = x + keep * s.mixer_scale.to(x.dtype) * self.mixer(h, ctx)
+        return x + keep * s.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * s.damping, ctx)
 
 # -----------------------------------------------------------------------------------------------------------------
 # MODEL: ADD-ONS
@@ -1102,7 +1385,14 @@ class GPT(nn.Module):
         self.tok_emb = FPStored(torch.randn(cfg.vocab_size, e) * 0.005, cfg.fp_storage, "embed")
         self.embed_in = FPStored(torch.randn(d, e) * e ** -0.5, cfg.fp_storage, "dense") if e != d else None
         self.embed_out = FPStored(torch.randn(e, d) * d ** -0.5, cfg.fp_storage, "dense") if e != d else None
-        self.blocks = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(layer_kinds(cfg)))
+        kinds, distinct = layer_kinds(cfg), cfg.shared_blocks or cfg.num_layers
+        if any(kinds[i] != kinds[i % distinct] for i in range(cfg.num_layers)):
+            raise ConfigError(f"SHARED_BLOCKS={cfg.shared_blocks}: layer kinds {kinds} do not repeat with that period; "
+                              "choose a period of the layer pattern (e.g. even for hybrid)")
+        self.blocks = nn.ModuleList(Block(cfg, i, kinds[i]) for i in range(distinct))
+        self.layer_scales = nn.ModuleList(LayerScales(cfg, i, kinds[i]) for i in range(distinct, cfg.num_layers))
+        self.recurrence_layers = {int(s) for s in cfg.recurrence_layers.split(",") if s.strip()}
+        self.recurrence_active = cfg.recurrence_start_fraction <= 0
         self.num_encoder = cfg.num_layers // 2
         num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
         self.skip_weights = tag(nn.Parameter(torch.ones(num_skips, d)), "scalar")
@@ -1115,11 +1405,15 @@ class GPT(nn.Module):
         self.feedback = FeedbackAdapters(cfg, cfg.num_layers - self.num_encoder) if cfg.feedback_enabled else None
         for i in moe_layer_indices(cfg):
             self.blocks[i].mlp = MoEMLP(cfg)
+        for module in self.modules():
+            if isinstance(module, TernaryLinear):
+                module.noise_scale = cfg.ternary_noise_scale
 
     def set_progress(self, fraction):
         """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
         that switch on or ramp with training read it from the Context. A reloaded model runs at 1.0."""
         self.progress.fill_(float(fraction))
+        self.recurrence_active = float(fraction) >= self.cfg.recurrence_start_fraction
 
     def _rope_tables(self, seq_len, device):
         c = self.cfg
@@ -1168,14 +1462,24 @@ class GPT(nn.Module):
             x = F.linear(x, self.embed_in.effective_weight().to(x.dtype))
         x = x0 = rms_norm(x)
         skips = []
-        for i, block in enumerate(self.blocks):
+        for i in range(self.cfg.num_layers):
             x = self.addons(x, i, ctx)
             if i >= self.num_encoder and skips and i - self.num_encoder < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, ctx)
+            x = self.run_layer(i, x, x0, ctx)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x), ctx
+
+    def run_layer(self, i, x, x0, ctx):
+        """Layer i = block i % SHARED_BLOCKS with layer i's scales, run 1 + RECURRENCE_DEPTH times when it is a
+        recurrence layer and recurrence is on (a Python flag set by set_progress: one recompile when it flips)."""
+        distinct = len(self.blocks)
+        block, scales = self.blocks[i % distinct], self.layer_scales[i - distinct] if i >= distinct else None
+        repeats = self.cfg.recurrence_depth if self.recurrence_active and i in self.recurrence_layers else 0
+        for _ in range(1 + repeats):
+            x = block(x, x0, ctx, scales)
+        return x
 
     def logits(self, hidden):
         if self.embed_out is not None:
@@ -1318,6 +1622,16 @@ def muon_momentum(step, start, end, warmup_steps):
         return end
     t = min(step / warmup_steps, 1.0)
     return (1 - t) * start + t * end
+
+
+def curriculum_seq_len(fraction, min_seq_len, full_seq_len, end_fraction):
+    """Training sequence length of the curriculum: linear from min_seq_len (fraction 0) to full_seq_len (fraction
+    >= end_fraction), rounded down to a power of two and clamped to [min_seq_len, full_seq_len], so a compiled
+    model sees only log2(full/min) + 1 shapes. train_step keeps the tokens per step (more, shorter rows)."""
+    if fraction >= end_fraction:
+        return full_seq_len
+    target = min_seq_len + (full_seq_len - min_seq_len) * fraction / end_fraction
+    return max(min_seq_len, min(full_seq_len, 2 ** int(math.log2(target))))
 
 
 def training_fraction(step, elapsed_seconds, hp):
@@ -2112,6 +2426,9 @@ def train_step(model, optimizers, loader, hp, run, accum, step, fraction):
     total = torch.zeros((), device=run.device)
     for micro in range(accum):
         x, y = loader.next_batch(micro_tokens, hp.train_seq_len)
+        if hp.curriculum_enabled:
+            seq_len = curriculum_seq_len(fraction, hp.curriculum_min_seq_len, hp.train_seq_len, hp.curriculum_end_fraction)
+            x, y = x.reshape(-1, seq_len), y.reshape(-1, seq_len)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro == accum - 1
         with autocast(run.device):
@@ -2129,7 +2446,9 @@ def train_step(model, optimizers, loader, hp, run, accum, step, fraction):
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    getattr(model, "module", model).post_step()
+    post_step = getattr(getattr(model, "module", model), "post_step", None)
+    if post_step is not None:  # projections after the optimizer step (the capsule predictor's diagonal clamp)
+        post_step()
     return total, scale
 
 
