@@ -12,6 +12,15 @@ import train_gpt
 from conftest import log_values, run_trainer, tiny_hparams, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards are latency-bound; one intra-op thread avoids spin contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _perturbed(model, seed=0, std=0.05):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -79,8 +88,8 @@ def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkey
 
 
 def _calibrated(tiny_data, seed=0, **overrides):
-    env = dict(DATA_PATH=str(tiny_data), CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1,
-               GPTQ_LITE_ENABLED=1, CALIB_MAX_EVALS=16, CALIB_MAX_SECONDS=300, **overrides)
+    env = dict(dict(DATA_PATH=str(tiny_data), CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1,
+                    GPTQ_LITE_ENABLED=1, CALIB_MAX_EVALS=16, CALIB_MAX_SECONDS=300), **overrides)
     hp = tiny_hparams(**env)
     model = _perturbed(tiny_model(**env), seed)
     train_gpt.export_fidelity(model, hp, train_gpt.Dist(), lambda line: None)
