@@ -62,7 +62,7 @@ def test_fp_fake_quant_equals_reload_even_with_zero_rows(tmp_path, fp_storage):
 
 
 @pytest.mark.parametrize("mode", ["percentile", "row_std"])
-def test_clip_search_never_increases_reconstruction_error(mode):
+def test_clip_search_never_increases_reconstruction_error(mode, tmp_path):
     """Every tensor's chosen clip reconstructs the unclipped weight at least as well as no clip. Clipping only
     lowers the absmean scale, which helps only where the scale is too large (here scale_mult 3), so that one clips."""
     model = _perturbed(tiny_model())
@@ -73,6 +73,8 @@ def test_clip_search_never_increases_reconstruction_error(mode):
     for module, error in unclipped.items():
         assert train_gpt.reconstruction_error(module, module.clip_value) <= error
     assert torch.isfinite(model.blocks[0].mlp.up.clip_value).all()
+    reloaded, _ = _roundtrip(model, tmp_path / "clipped.skc")
+    _assert_reload_exact(model, reloaded)
 
 
 def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkeypatch):
