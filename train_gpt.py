@@ -151,6 +151,18 @@ SPEC = (
     # --- export ---
     ("FP_STORAGE", "fp16", "storage of non-ternary matrices: fp16 | fp8 | fp4 (trained through the same rounding)"),
     ("CODE_BYTES", 0, "override the code-byte count (0 = measure the built submission script)"),
+    ("GPTQ_LITE_ENABLED", 0, "1 = per-tensor clip search before ternarization (TERNARY_CLIP_MODE); keeps the clip with the least reconstruction error, no clip included"),
+    ("TERNARY_CLIP_MODE", "row_std", "clip candidates: none | percentile (|w| quantiles of the tensor) | row_std (k * row std)"),
+    ("TERNARY_SCALE_SEARCH", 0, "1 = calibrate a per-tensor ternary scale multiplier (0.8..1.2) on held-out TRAIN tokens by coordinate search"),
+    ("TERNARY_THRESHOLD_SEARCH", 0, "1 = calibrate a per-tensor ternary zero threshold (0.35..0.65 of the scale) the same way"),
+    ("CALIB_TOKENS", 65536, "calibration tokens: the last CALIB_TOKENS of the train shards (never val)"),
+    ("CALIB_MAX_EVALS", 256, "calibration budget: calibration-loss evaluations"),
+    ("CALIB_MAX_SECONDS", 60.0, "calibration budget: seconds of search (rank 0 searches, the others wait; at most 300)"),
+    ("EXPORT_ALIGNED_TRAIN", 0, "1 = run clip search + calibration once at EXPORT_ALIGNED_START_FRACTION of training and keep training through them"),
+    ("EXPORT_ALIGNED_START_FRACTION", 0.85, "training fraction at which EXPORT_ALIGNED_TRAIN calibrates (the time counts as training time)"),
+    ("TURBO_QUANT_TRAIN", 0, "1 = Hadamard-rotate each ternary weight group before ternarization (TurboQuant); BITNET_GROUP_SIZE a power of 2"),
+    ("TURBO_QUANT_EXPORT", 0, "must equal TURBO_QUANT_TRAIN: the artifact stores the codes the model trained through"),
+    ("ENGRAM_PRUNE_MIN_HITS", 0, "at export, zero and drop rows of hit-counted tables (count_row_hits) with fewer hits over the calibration tokens (0 = off)"),
     # --- eval ---
     ("EVAL_BATCH_SEQS", 32, "sequences per eval forward pass"),
     ("EVAL_SEQ_LEN", 0, "eval context length (0 = TRAIN_SEQ_LEN)"),
@@ -253,6 +265,7 @@ class Hyperparameters:
         _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
         self.validate_addons()
         _require(not (self.moe_enabled and self.shared_blocks), "MOE_ENABLED=1 with SHARED_BLOCKS > 0 is not supported: set one of them to 0")
+        self.validate_export()
         self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
 
     def validate_addons(self):
@@ -290,6 +303,20 @@ class Hyperparameters:
             _require(power_of_two(self.curriculum_min_seq_len) and self.curriculum_min_seq_len <= self.train_seq_len,
                      f"CURRICULUM_MIN_SEQ_LEN={self.curriculum_min_seq_len} must be a power of two <= TRAIN_SEQ_LEN={self.train_seq_len}")
             _require(0 < self.curriculum_end_fraction <= 1, f"CURRICULUM_END_FRACTION={self.curriculum_end_fraction} must be in (0, 1]")
+
+    def validate_export(self):
+        _require(self.ternary_clip_mode in ("none", "percentile", "row_std"), f"TERNARY_CLIP_MODE={self.ternary_clip_mode!r}: none | percentile | row_std")
+        _require(self.turbo_quant_export == self.turbo_quant_train, f"TURBO_QUANT_EXPORT={self.turbo_quant_export} != TURBO_QUANT_TRAIN="
+                 f"{self.turbo_quant_train}: the artifact must store the codes the model trained through; set both to the same value")
+        group = self.bitnet_group_size
+        _require(not self.turbo_quant_train or group & (group - 1) == 0, f"TURBO_QUANT_TRAIN=1 needs BITNET_GROUP_SIZE a power of 2 (got {group})")
+        _require(self.calib_tokens > self.train_seq_len, f"CALIB_TOKENS={self.calib_tokens} must exceed TRAIN_SEQ_LEN={self.train_seq_len}")
+        _require(0 < self.calib_max_seconds <= 300, f"CALIB_MAX_SECONDS={self.calib_max_seconds} must be in (0, 300] (other ranks wait on rank 0)")
+        searching = self.gptq_lite_enabled and self.ternary_clip_mode != "none" or self.ternary_scale_search or self.ternary_threshold_search
+        _require(not self.export_aligned_train or searching, "EXPORT_ALIGNED_TRAIN=1 has nothing to align: set GPTQ_LITE_ENABLED=1, "
+                 "TERNARY_SCALE_SEARCH=1 or TERNARY_THRESHOLD_SEARCH=1")
+        _require(0 <= self.export_aligned_start_fraction < 1, f"EXPORT_ALIGNED_START_FRACTION={self.export_aligned_start_fraction} must be in [0, 1)")
+        _require(self.engram_prune_min_hits >= 0, "ENGRAM_PRUNE_MIN_HITS must be >= 0")
 
     def as_dict(self):
         return {name: getattr(self, name.lower()) for name, _, _ in SPEC}
@@ -586,11 +613,14 @@ def hadamard(n, device=None):
     return h / math.sqrt(n)
 
 
-def ternary_quantize(weight, group_size, scale_mult=1.0, threshold=0.5, rotate=False):
+def ternary_quantize(weight, group_size, scale_mult=1.0, threshold=0.5, rotate=False, clip=None):
     """BitNet b1.58 quantizer. weight (rows, cols) -> codes int8 (rows, cols) in {-1, 0, 1}, scales fp16
     (rows, groups). Per group of `group_size` input weights: scale = fp16(absmean * scale_mult) with zero padding
     excluded from the mean; code = sign(w) if |w| > threshold * scale else 0 (threshold 0.5 = round-and-clamp).
-    rotate=True (TurboQuant) first multiplies each group by an orthonormal Hadamard matrix."""
+    rotate=True (TurboQuant) first multiplies each group by an orthonormal Hadamard matrix. clip (a tensor
+    broadcastable to (rows, 1), inf = none) first clamps the weight to [-clip, clip] (GPTQ-lite clip search)."""
+    if clip is not None:
+        weight = torch.maximum(torch.minimum(weight, clip), -clip)
     rows, cols = weight.shape
     groups = -(-cols // group_size)
     pad = groups * group_size - cols
@@ -625,7 +655,7 @@ def fp_quantize(weight, scheme):
     fp16(absmax / FP_MAX), codes = e4m3(w / scale) (uint8 bits) or a 4-bit sign+index into FP4_GRID (uint8)."""
     if scheme == "fp16":
         return weight.detach().half(), None
-    scales = (weight.detach().abs().amax(dim=1, keepdim=True) / FP_MAX[scheme]).clamp_min(1e-8).half()
+    scales = (weight.detach().abs().amax(dim=1, keepdim=True) / FP_MAX[scheme]).half().clamp_min(2 ** -24)
     x = (weight.detach().float() / scales.float()).clamp(-FP_MAX[scheme], FP_MAX[scheme])
     if scheme == "fp8":
         return x.to(torch.float8_e4m3fn).view(torch.uint8), scales
@@ -676,6 +706,7 @@ class TernaryLinear(nn.Module):
         self.weight = tag(nn.Parameter(torch.empty(out_features, in_features)), "ternary")
         self.register_buffer("scale_mult", torch.ones(()))
         self.register_buffer("threshold", torch.full((), 0.5))
+        self.register_buffer("clip_value", torch.full((out_features, 1), math.inf), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
         else:
@@ -684,7 +715,7 @@ class TernaryLinear(nn.Module):
     def quantize(self):
         if self.frozen:
             return self.stored
-        return ternary_quantize(self.weight.detach(), self.group_size, self.scale_mult, self.threshold, self.rotate)
+        return ternary_quantize(self.weight.detach(), self.group_size, self.scale_mult, self.threshold, self.rotate, self.clip_value)
 
     def effective_weight(self):
         if self.frozen:
@@ -750,6 +781,7 @@ class ModelConfig:
     mlp_mult: float = 2.0
     mlp_activation: str = "leaky_relu2"
     bitnet_group_size: int = 128
+    turbo_quant_train: int = 0
     rope_base: float = 10000.0
     rope_dims: int = 64
     yarn_factor: float = 1.0
@@ -1408,6 +1440,9 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, TernaryLinear):
                 module.noise_scale = cfg.ternary_noise_scale
+        for module in self.modules():
+            if isinstance(module, TernaryLinear):
+                module.rotate = bool(cfg.turbo_quant_train)
 
     def set_progress(self, fraction):
         """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
@@ -1747,11 +1782,18 @@ def export_parts(model):
             parts = [(dict(encoding=encoding, shape=list(codes.shape), kind="ternary_codes"), packed), (scale_meta, scale_bytes)]
         elif isinstance(module, FPStored):
             codes, scales = module.quantize()
+            keep = getattr(module, "row_keep", None)
+            if keep is not None:
+                codes, scales = codes[keep], scales[keep] if scales is not None else None
             parts = [_raw_part(codes, "fp_codes")] + ([_raw_part(scales, "fp_scales")] if scales is not None else [])
+            if keep is not None:
+                parts.insert(0, _raw_part(torch.from_numpy(np.packbits(keep.cpu().numpy())), "row_bitmap"))
         else:
             continue
         entries.append(dict(name=prefix + "weight", scheme="ternary" if isinstance(module, TernaryLinear) else module.scheme,
                             parts=[meta for meta, _ in parts]))
+        if isinstance(module, FPStored) and getattr(module, "row_keep", None) is not None:
+            entries[-1].update(encoding="rowpruned", rows=len(module.row_keep))
         blobs += [blob for _, blob in parts]
         covered.add(prefix + "weight")
     for name, tensor in model.state_dict().items():
@@ -1818,10 +1860,23 @@ def parse_payload(payload, path):
                 arrays.append(np.frombuffer(data, dtype=meta["dtype"]).reshape(meta["shape"]).copy())
             else:
                 arrays.append(unpack_ternary(meta["encoding"], data, int(np.prod(meta["shape"]))).reshape(meta["shape"]))
+        if entry.get("encoding") == "rowpruned":
+            arrays = unprune_rows(arrays, entry["rows"])
         tensors[entry["name"]] = (entry["scheme"], arrays)
     if offset != len(payload):
         raise ConfigError(f"artifact {path}: {len(payload) - offset} trailing bytes; the file is corrupt")
     return header, tensors
+
+
+def unprune_rows(arrays, rows):
+    """A `rowpruned` entry (row bitmap, kept codes[, kept scales]) -> full (codes[, scales]), zeros in dropped rows."""
+    keep = np.unpackbits(arrays[0])[:rows].astype(bool)
+    full = []
+    for kept in arrays[1:]:
+        out = np.zeros((rows,) + kept.shape[1:], dtype=kept.dtype)
+        out[keep] = kept
+        full.append(out)
+    return full
 
 
 def write_artifact(path, blob):
@@ -1884,6 +1939,157 @@ def estimate_artifact_bytes(model):
     """Compressed payload size of the model as it is now (initial weights): lzma at a fast preset, which lands
     within a few percent of the final codecs on trained weights (tests/test_export.py checks 3%)."""
     return 1 + len(lzma.compress(serialize_model(model), preset=6))
+
+
+# Export fidelity: choices made on the trained weights before export, stored in module buffers that the one
+# quantizer reads, so training (EXPORT_ALIGNED_TRAIN), export and the artifact all see the same codes and scales.
+CLIP_CANDIDATES = {"none": (), "percentile": (0.999, 0.995, 0.99, 0.98), "row_std": (4.0, 3.0, 2.5, 2.0)}
+CALIB_CANDIDATES = {"scale_mult": (0.8, 0.9, 1.0, 1.1, 1.2), "threshold": (0.35, 0.45, 0.5, 0.55, 0.65)}
+
+
+def ternary_modules(model):
+    return [m for m in model.modules() if isinstance(m, TernaryLinear)]
+
+
+def clip_candidates(weight, mode):
+    """Clip tensors (rows, 1) to try, `inf` (no clip) first: |w| quantiles of the whole tensor (percentile) or
+    k * the row's standard deviation (row_std)."""
+    rows = weight.size(0)
+    candidates = [torch.full((rows, 1), math.inf, device=weight.device)]
+    if mode == "percentile":
+        magnitudes = weight.detach().float().abs().flatten()
+        for q in CLIP_CANDIDATES[mode]:
+            value = magnitudes.kthvalue(max(1, round(q * magnitudes.numel()))).values
+            candidates.append(value.expand(rows, 1).clone())
+    elif mode == "row_std":
+        std = weight.detach().float().std(dim=1, keepdim=True)
+        candidates += [k * std for k in CLIP_CANDIDATES[mode]]
+    return candidates
+
+
+def reconstruction_error(module, clip):
+    """Squared error of the dequantized ternary weight against the original (unclipped) latent weight."""
+    weight = module.weight.detach().float()
+    codes, scales = ternary_quantize(weight, module.group_size, module.scale_mult, module.threshold, module.rotate, clip)
+    return float((ternary_dequantize(codes, scales, module.group_size, module.rotate) - weight).square().sum())
+
+
+@torch.no_grad()
+def search_clips(model, mode):
+    """GPTQ-lite: per ternary tensor, keep the clip candidate with the least reconstruction error (ties keep no
+    clip, so the error never grows). Returns the number of tensors that got a finite clip. With codes in
+    {-1, 0, 1} a clip only lowers the absmean scale, which is already below the error-optimal scale at
+    scale_mult 1, so on Gaussian, Laplace and Student-t weights the search keeps "no clip" (measured, CPU); it
+    clips only where scale_mult is well above 1."""
+    clipped = 0
+    for module in ternary_modules(model):
+        candidates = clip_candidates(module.weight, mode)
+        errors = [reconstruction_error(module, clip) for clip in candidates]
+        best = min(range(len(candidates)), key=errors.__getitem__)
+        module.clip_value.copy_(candidates[best])
+        clipped += best > 0
+    return clipped
+
+
+def calibration_tokens(hp):
+    """The last CALIB_TOKENS + 1 tokens of the train shards (held out by position: the loader reaches them last).
+    Never val tokens."""
+    need, chunks = hp.calib_tokens + 1, []
+    for path in reversed(shard_paths(hp.data_path, "train")):
+        shard = load_shard(path, hp.vocab_size)
+        chunks.insert(0, np.asarray(shard[max(0, len(shard) - need):]))
+        need -= len(chunks[0])
+        if need <= 0:
+            break
+    if need > 0:
+        raise ConfigError(f"CALIB_TOKENS={hp.calib_tokens} exceeds the train shards in DATA_PATH={hp.data_path}; lower it")
+    return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+
+
+@torch.no_grad()
+def calibration_loss(model, tokens, seq_len, batch_seqs):
+    """Mean token NLL (nats) over non-overlapping windows of the calibration tokens."""
+    n = (len(tokens) - 1) // seq_len
+    x, y = tokens[:n * seq_len].view(n, seq_len), tokens[1:n * seq_len + 1].view(n, seq_len)
+    total = 0.0
+    for i in range(0, n, batch_seqs):
+        with autocast(x.device):
+            total += float(model.token_nll(x[i:i + batch_seqs], y[i:i + batch_seqs]).double().sum())
+    return total / (n * seq_len)
+
+
+@torch.no_grad()
+def calibrate_ternary(model, tokens, hp):
+    """Coordinate search, tensor by tensor, over the scale multiplier and/or zero threshold of each ternary layer:
+    a candidate is kept only if it lowers the calibration loss, so the loss never rises. Stops at CALIB_MAX_EVALS
+    loss evaluations or CALIB_MAX_SECONDS, whichever comes first."""
+    was_training, t0 = model.training, time.perf_counter()
+    model.eval()
+    loss = lambda: calibration_loss(model, tokens, hp.train_seq_len, hp.eval_batch_seqs)
+    base = best = loss()
+    evals, names = 1, [n for n, on in (("scale_mult", hp.ternary_scale_search), ("threshold", hp.ternary_threshold_search)) if on]
+    for module in ternary_modules(model):
+        for name in names:
+            buffer = getattr(module, name)
+            kept = float(buffer)
+            for value in CALIB_CANDIDATES[name]:
+                if evals >= hp.calib_max_evals or time.perf_counter() - t0 >= hp.calib_max_seconds:
+                    break
+                if abs(value - kept) < 1e-6:
+                    continue
+                buffer.fill_(value)
+                candidate, evals = loss(), evals + 1
+                if candidate < best:
+                    best, kept = candidate, value
+            buffer.fill_(kept)
+    model.train(was_training)
+    return dict(base_loss=base, calib_loss=best, evals=evals, seconds=time.perf_counter() - t0)
+
+
+def broadcast_ternary_buffers(model):
+    """Every rank takes rank 0's export buffers (scale multiplier, threshold, clip)."""
+    if dist.is_available() and dist.is_initialized():
+        for module in ternary_modules(model):
+            for buffer in (module.scale_mult, module.threshold, module.clip_value):
+                dist.broadcast(buffer, src=0)
+
+
+def align_export(model, tokens, hp, run, log, stage):
+    """Clip search then calibration on rank 0; the others wait for the broadcast. All ranks call it."""
+    if run.is_main and hp.gptq_lite_enabled and hp.ternary_clip_mode != "none":
+        log(kv("export_clip", stage=stage, mode=hp.ternary_clip_mode, clipped_tensors=search_clips(model, hp.ternary_clip_mode)))
+    if run.is_main and (hp.ternary_scale_search or hp.ternary_threshold_search):
+        stats = calibrate_ternary(model, tokens, hp)
+        modules = ternary_modules(model)
+        log(kv("export_calib", stage=stage, **stats, mean_scale_mult=sum(float(m.scale_mult) for m in modules) / len(modules),
+               mean_threshold=sum(float(m.threshold) for m in modules) / len(modules)))
+    broadcast_ternary_buffers(model)
+
+
+@torch.no_grad()
+def prune_rows(model, tokens, min_hits):
+    """Every FPStored module with a `count_row_hits(input_ids)` method: rows hit fewer than `min_hits` times over
+    the tokens (given as one (1, N) sequence) are zeroed and marked, so export stores a row bitmap and the kept
+    rows only (encoding `rowpruned`) and reload restores the zeros. Returns {module name: rows dropped}."""
+    dropped = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FPStored) and hasattr(module, "count_row_hits"):
+            keep = module.count_row_hits(tokens[None]) >= min_hits
+            module.weight[~keep] = 0
+            module.row_keep = keep.cpu()
+            dropped[name] = int((~keep).sum())
+    return dropped
+
+
+def export_fidelity(model, hp, run, log):
+    """The hook between the EMA weights and export: row pruning, clip search, calibration (each if enabled)."""
+    searching = hp.gptq_lite_enabled and hp.ternary_clip_mode != "none" or hp.ternary_scale_search or hp.ternary_threshold_search
+    if not (searching or hp.engram_prune_min_hits):
+        return
+    tokens = calibration_tokens(hp).to(run.device)
+    if hp.engram_prune_min_hits:
+        log(kv("export_prune", min_hits=hp.engram_prune_min_hits, **prune_rows(model, tokens, hp.engram_prune_min_hits)))
+    align_export(model, tokens, hp, run, log, "final")
 
 # -----------------------------------------------------------------------------------------------------------------
 # EVAL
@@ -2486,7 +2692,7 @@ def log_compile_stats(log):
                recompiles=sum(counters.get("recompiles", {}).values())))
 
 
-def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
+def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on_step=None):
     """The training loop. The clock (train_seconds) stops for validation; elapsed time and loss are all-reduced
     every step, so every rank takes the same schedule and the same decision to stop."""
     accum = grad_accum_steps(hp, run)
@@ -2504,6 +2710,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate):
         fraction = training_fraction(step, train_seconds, hp)
         base_model.set_progress(fraction)
         loss, scale = train_step(model, optimizers, loader, hp, run, accum, step, fraction)
+        on_step(fraction) if on_step else None
         synchronize(run.device)
         stats = all_reduce_sum(torch.stack([torch.tensor(time.perf_counter() - t0, device=run.device), loss.float()]))
         step_seconds, loss_value = (stats / run.world_size).tolist()
@@ -2671,12 +2878,21 @@ def main():
         loss, bpb, _ = eval_stage(base_model, val_tokens, hp, tables, run, hp.eval_seq_len)
         log(kv("eval", stage="train_step", step=step, val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
 
-    steps, train_seconds, compile_seconds = train(model, base_model, optimizers, loader, hp, run, log, ema, validate)
+    aligned = []
+
+    def align_during_training(fraction):
+        if hp.export_aligned_train and not aligned and fraction >= hp.export_aligned_start_fraction:
+            aligned.append(fraction)
+            align_export(base_model, calibration_tokens(hp).to(run.device), hp, run, log, f"train_fraction_{fraction:.3f}")
+
+    steps, train_seconds, compile_seconds = train(model, base_model, optimizers, loader, hp, run, log, ema, validate,
+                                                  align_during_training)
     if ema:
         ema.apply_to(base_model)
     base_model.set_progress(1.0)
     loss, bpb, _ = eval_stage(base_model, val_tokens, hp, tables, run, hp.eval_seq_len)
     log(kv("eval", stage="prequant", val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
+    export_fidelity(base_model, hp, run, log)
 
     artifact_path = Path(hp.out_dir) / hp.run_id / "final_model.skc"
     if run.is_main:
@@ -2684,13 +2900,16 @@ def main():
         blob = compress_payload(payload)
         write_artifact(artifact_path, blob)
         report = export_report(base_model)
-        log(kv("export_report", **report, payload_bytes=len(payload), compressed_bytes=len(blob), codec=CODECS[blob[0]]))
+        log(kv("export_report", **report, payload_bytes=len(payload), compressed_bytes=len(blob), codec=CODECS[blob[0]],
+               compression_ratio=len(blob) / len(payload), code_bytes=code_bytes))
     barrier()
     model_bytes = artifact_path.stat().st_size
     log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes, path=artifact_path))
     check_budget("after_export", model_bytes, code_bytes, log)
     reloaded = load_model_from_artifact(artifact_path, run.device)
     results = run_eval_stack(reloaded, val_tokens, hp, tables, run, log)
+    log(kv("export_cost", delta_bpb=results["roundtrip"]["val_bpb"] - bpb, prequant_bpb=bpb,
+           roundtrip_bpb=results["roundtrip"]["val_bpb"], **truncation_note(hp)))
     return finish(results, hp, log, run, dict(bytes_total=model_bytes + code_bytes, bytes_code=code_bytes,
                                               bytes_model=model_bytes, steps=steps, step_ms=1000 * train_seconds / max(steps, 1),
                                               tok_s=int(hp.train_batch_tokens * steps / max(train_seconds, 1e-9)),
@@ -2698,8 +2917,7 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    main()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # ranks leave together; a rank tearing down gloo while another still talks aborts it
+        dist.destroy_process_group()
