@@ -372,7 +372,8 @@ class ConditionFolder(ast.NodeTransformer):
                 return test.values[0] if len(test.values) == 1 else test
         return test
 
-    def visit_If(self, node):
+    def fold_branch(self, node):
+        """`if` / conditional expression: the surviving branch when the test is decided by the config."""
         self.generic_visit(node)
         decided = self.test_value(node.test)
         if decided is UNKNOWN:
@@ -380,6 +381,8 @@ class ConditionFolder(ast.NodeTransformer):
             return node
         self.folded += 1
         return node.body if decided else node.orelse
+
+    visit_If = visit_IfExp = fold_branch
 
     def visit_While(self, node):
         self.generic_visit(node)
@@ -388,14 +391,6 @@ class ConditionFolder(ast.NodeTransformer):
             return node.orelse
         return node
 
-    def visit_IfExp(self, node):
-        self.generic_visit(node)
-        decided = self.test_value(node.test)
-        if decided is UNKNOWN:
-            node.test = self.simplified_test(node.test)
-            return node
-        self.folded += 1
-        return node.body if decided else node.orelse
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -709,13 +704,10 @@ def build_code(source: str, config: dict | None) -> bytes:
 # -----------------------------------------------------------------------------------------------------------------
 
 def write_shard(path, tokens):
-    """A challenge shard: 256 little-endian int32 header [20240520, 1, count, 0...] + uint16 tokens."""
-    import numpy as np
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = [20240520, 1, len(tokens)]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    """The one shard writer (data/tokenize_corpus.py), imported where the check needs it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+    from tokenize_corpus import write_shard as write
+    write(path, tokens)
 
 
 def make_check_data(out_dir, tokenizer_path, corpus_path, documents=40, val_tokens=4096):

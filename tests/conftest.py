@@ -13,6 +13,7 @@ SHARED = REPO.parent / "shared"
 SP1024 = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
 SP8192 = SHARED / "tokenizers" / "fineweb_8192_bpe.model"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
 
 # A model small enough for the CPU in milliseconds, big enough to have every structural part.
 TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", EMBED_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", VOCAB_SIZE="1024",
@@ -33,12 +34,7 @@ def tiny_model(seed=0, **overrides):
     return train_gpt.GPT(train_gpt.ModelConfig.from_hparams(tiny_hparams(**overrides)))
 
 
-def write_shard(path, tokens):
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = [20240520, 1, len(tokens)]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+from tokenize_corpus import write_shard  # noqa: E402  (the one shard writer, data/tokenize_corpus.py)
 
 
 def require_shared():
@@ -92,3 +88,13 @@ def assert_causal(model, vocab=1024, seq_len=48, t=20):
         b = model.logits(model.hidden(x2)[0])
     assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5), "future tokens changed past logits"
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:]), "perturbation had no effect at all (test is vacuous)"
+
+
+def perturbed_model(seed=0, **overrides):
+    """A tiny model with every parameter moved off its init (zero-init projections would hide a mixer)."""
+    model = tiny_model(seed, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.set_progress(1.0)
+    return model

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import assert_causal, log_values, run_trainer, tiny_hparams, tiny_model
+from conftest import assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
 
 OPTIONS = {
     "engram": dict(BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64, BIGRAM_HASH_DIM=16, ENGRAM_NUM_ORDERS=3, ENGRAM_INJECT_LAYER=1),
@@ -14,16 +14,6 @@ OPTIONS = {
     "moe": dict(MOE_ENABLED=1, MOE_NUM_EXPERTS=3, MOE_TOP_K=2, MOE_START_FRACTION=0.5),
     "all": dict(BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64, CAPSULE_ENABLED=1, CAPSULE_NUM=4, FEEDBACK_ENABLED=1, MOE_ENABLED=1),
 }
-
-
-def perturbed_model(seed=0, **overrides):
-    """A tiny model whose weights moved off their init (zero-init matrices become nonzero)."""
-    model = tiny_model(seed, **overrides)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.set_progress(1.0)
-    return model
 
 
 TRAINABLE = sorted(set(OPTIONS) - {"capsule_halting"})  # halting only changes the forward: causal test below

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, SP1024, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model
+from conftest import REPO, SP1024, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
 
 ARCHITECTURES = {
     "attn": dict(ARCHITECTURE="attn"),
@@ -28,16 +28,6 @@ OPTIONS = {
                        RECURRENCE_START_FRACTION=0.5),
     "stochastic_depth_and_noise": dict(ARCHITECTURE="hybrid", STOCHASTIC_DEPTH=0.5, TERNARY_NOISE_SCALE=0.5),
 }
-
-
-def perturbed_model(seed=0, **overrides):
-    """A tiny model with every parameter moved off its init (zero-init projections would hide a mixer)."""
-    model = tiny_model(seed, **overrides)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.set_progress(1.0)
-    return model
 
 
 def naive_scan(log_decay, inputs, initial, segments=None):
