@@ -349,3 +349,13 @@ def test_ablate_stops_when_the_budget_is_spent(fake_pipeline, tmp_path):
                             env=fake_pipeline, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "not run: baseline" in result.stdout
     assert results_path.read_text() == (REPO_ROOT / "docs" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("variants_file", sorted((REPO_ROOT / "tools" / "variants").glob("*.txt")), ids=lambda p: p.name)
+def test_every_shipped_variant_is_a_valid_trainer_config(variants_file):
+    """Each variant names only real env vars and makes a config the trainer accepts (no typo reaches a GPU)."""
+    import train_gpt
+    known = {name for name, _, _ in train_gpt.SPEC}
+    for name, env in ablate.parse_variants(variants_file.read_text()):
+        assert set(env) <= known, f"{variants_file.name}:{name}: unknown {set(env) - known}"
+        train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
