@@ -2859,6 +2859,23 @@ def finish(results, hp, log, run, extra):
     return summary
 
 
+def export_artifact(model, hp, run, log, code_bytes):
+    """Rank 0 serializes, compresses and atomically writes the artifact; every rank then checks the real size
+    against the budget. Returns (path, model bytes)."""
+    artifact_path = Path(hp.out_dir) / hp.run_id / "final_model.skc"
+    if run.is_main:
+        payload = serialize_model(model)
+        blob = compress_payload(payload)
+        write_artifact(artifact_path, blob)
+        log(kv("export_report", **export_report(model), payload_bytes=len(payload), compressed_bytes=len(blob),
+               codec=CODECS[blob[0]], compression_ratio=len(blob) / len(payload), code_bytes=code_bytes))
+    barrier()
+    model_bytes = artifact_path.stat().st_size
+    log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes, path=artifact_path))
+    check_budget("after_export", model_bytes, code_bytes, log)
+    return artifact_path, model_bytes
+
+
 def main():
     if "--env-table" in sys.argv:
         print(env_table_markdown())
@@ -2915,18 +2932,7 @@ def main():
     log(kv("eval", stage="prequant", val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
     export_fidelity(base_model, hp, run, log)
 
-    artifact_path = Path(hp.out_dir) / hp.run_id / "final_model.skc"
-    if run.is_main:
-        payload = serialize_model(base_model)
-        blob = compress_payload(payload)
-        write_artifact(artifact_path, blob)
-        report = export_report(base_model)
-        log(kv("export_report", **report, payload_bytes=len(payload), compressed_bytes=len(blob), codec=CODECS[blob[0]],
-               compression_ratio=len(blob) / len(payload), code_bytes=code_bytes))
-    barrier()
-    model_bytes = artifact_path.stat().st_size
-    log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes, path=artifact_path))
-    check_budget("after_export", model_bytes, code_bytes, log)
+    artifact_path, model_bytes = export_artifact(base_model, hp, run, log, code_bytes)
     reloaded = load_model_from_artifact(artifact_path, run.device)
     results = run_eval_stack(reloaded, val_tokens, hp, tables, run, log)
     log(kv("export_cost", delta_bpb=results["roundtrip"]["val_bpb"] - bpb, prequant_bpb=bpb,
