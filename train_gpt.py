@@ -2701,16 +2701,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def log_compile_stats(log):
-    """torch.compile health: distinct graphs and recompiles (after warm-up there should be none)."""
+def compiled_frames():
+    """Frames torch.compile has compiled so far in this process (0 without dynamo)."""
     try:
         from torch._dynamo.utils import counters
     except ImportError:
-        return
-    stats = counters.get("stats", {})
-    if stats:
-        log(kv("compile_stats", unique_graphs=stats.get("unique_graphs", 0), calls_captured=stats.get("calls_captured", 0),
-               recompiles=sum(counters.get("recompiles", {}).values())))
+        return 0
+    return counters["frames"].get("ok", 0)
+
+
+def log_compile_stats(log, frames_after_warmup):
+    """torch.compile health: frames compiled after the warm-up steps (recompiles; should be 0) and graphs."""
+    from torch._dynamo.utils import counters
+    if counters["stats"]:
+        log(kv("compile_stats", recompiles_after_warmup=compiled_frames() - frames_after_warmup,
+               unique_graphs=counters["stats"].get("unique_graphs", 0), frames=compiled_frames()))
 
 
 def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on_step=None):
@@ -2718,6 +2723,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on
     every step, so every rank takes the same schedule and the same decision to stop."""
     accum = grad_accum_steps(hp, run)
     compile_seconds = compile_warmup(model, optimizers, loader, hp, run, accum, base_model)
+    frames_after_warmup = compiled_frames()
     log(kv(f"compile_s:{compile_seconds:.2f}", warmup_steps=hp.warmup_steps))
     step, train_seconds, last_finite = 0, 0.0, (0, float("nan"))
     tokens_per_step = hp.train_batch_tokens
@@ -2753,7 +2759,7 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on
                    tok_s=int(tokens_per_second), tok_s_gpu=int(tokens_per_second / run.world_size), mfu=mfu,
                    elapsed_s=train_seconds, remaining_s=remaining))
         if stop:
-            log_compile_stats(log)
+            log_compile_stats(log, frames_after_warmup)
             return step, train_seconds, compile_seconds
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -88,3 +88,17 @@ def test_size_estimate_before_training_is_within_3_percent_of_the_artifact(tiny_
     out = _check(run_trainer(env))
     estimate, actual = (int(v) for v in log_values(out, "budget", "bytes_model"))
     assert abs(estimate - actual) / actual < 0.03, (estimate, actual)
+
+
+def test_compile_stats_count_recompiles_after_warmup():
+    """A new input shape after the warm-up is a recompile, and the compile_stats line counts it."""
+    f = torch.compile(lambda x: (x * 2).sum(), dynamic=False, backend="eager")
+    f(torch.ones(3))
+    after_warmup = train_gpt.compiled_frames()
+    f(torch.ones(3))
+    lines = []
+    train_gpt.log_compile_stats(lines.append, after_warmup)
+    assert "recompiles_after_warmup:0" in lines[0]
+    f(torch.ones(7))
+    train_gpt.log_compile_stats(lines.append, after_warmup)
+    assert "recompiles_after_warmup:1" in lines[1]
