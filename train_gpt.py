@@ -2829,6 +2829,10 @@ def log_header(log, hp, run):
     log(Path(__file__).read_text(), console=False)
     log(kv("versions", python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__,
            cuda=torch.version.cuda, device=run.device, world_size=run.world_size, flash_attn=FLASH_ATTENTION is not None))
+    if run.device.type == "cuda":
+        import subprocess
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+        log(smi.stdout or smi.stderr, console=False)
     log("config " + json.dumps(hp.as_dict(), sort_keys=True, default=str))
 
 
