@@ -2831,8 +2831,11 @@ def log_header(log, hp, run):
            cuda=torch.version.cuda, device=run.device, world_size=run.world_size, flash_attn=FLASH_ATTENTION is not None))
     if run.device.type == "cuda":
         import subprocess
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
-        log(smi.stdout or smi.stderr, console=False)
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False)
+            log(smi.stdout or smi.stderr, console=False)
+        except OSError:
+            log("nvidia-smi: not found", console=False)
     log("config " + json.dumps(hp.as_dict(), sort_keys=True, default=str))
 
 
