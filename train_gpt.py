@@ -21,6 +21,7 @@ import lzma
 import math
 import os
 import random
+import re
 import sys
 import time
 import uuid
@@ -554,9 +555,14 @@ def load_tokenizer(path, vocab_size):
 
 
 def check_data_matches_tokenizer(data_path, tokenizer_path, vocab_size):
-    """data/tokenize_corpus.py writes meta.json; where it exists, its tokenizer must be ours."""
+    """data/tokenize_corpus.py writes meta.json; where it exists, its tokenizer must be ours. Official shard folders
+    (fineweb10B_sp8192) carry the vocab size in their name instead."""
     meta_path = Path(data_path) / "meta.json"
     if not meta_path.is_file():
+        named = re.search(r"_sp(\d+)$", Path(data_path).resolve().name)
+        if named and int(named.group(1)) != vocab_size:
+            raise ConfigError(f"DATA_PATH={data_path} holds sp{named.group(1)} shards but VOCAB_SIZE={vocab_size}; "
+                              f"use the matching tokenizer and VOCAB_SIZE={named.group(1)}")
         return
     meta = json.loads(meta_path.read_text())
     if meta.get("vocab_size") not in (None, vocab_size):

@@ -85,3 +85,12 @@ def test_data_meta_with_other_tokenizer_is_an_error(tmp_path):
         train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 1024)
     with pytest.raises(train_gpt.ConfigError, match="vocab size"):
         train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 8192)
+
+
+def test_official_folder_name_with_other_vocab_is_an_error(tmp_path):
+    """Without meta.json, an official folder name (fineweb10B_sp1024) must agree with VOCAB_SIZE."""
+    folder = tmp_path / "fineweb10B_sp1024"
+    folder.mkdir()
+    train_gpt.check_data_matches_tokenizer(folder, "unused", 1024)
+    with pytest.raises(train_gpt.ConfigError, match="sp1024"):
+        train_gpt.check_data_matches_tokenizer(folder, "unused", 8192)
