@@ -2776,6 +2776,9 @@ REPO_DIR = Path(__file__).resolve().parent
 SHARED_DIR = REPO_DIR.parent / "shared"
 
 
+OWN_TEXT_VAL_PARAGRAPHS = 300  # without ../shared: the first 300 paragraphs of the project's text are the val split
+
+
 def prepare_smoke_data(hp, run, log):
     """RUN_PRESET=smoke: tokenize a small corpus into DATA_PATH. Default: a slice of ../shared/corpus with the
     official sp8192 tokenizer; without ../shared, the project's own docs and sources with a tokenizer trained on
@@ -2808,7 +2811,7 @@ def prepare_smoke_data(hp, run, log):
                 val_path.write_text("".join(line for _, line in zip(range(40), src)))
             meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_file=str(val_path), workers=1, log=log)
         else:
-            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_docs=max(1, len(corpus) // 8),
+            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_docs=OWN_TEXT_VAL_PARAGRAPHS,
                                                    workers=1, split_paragraphs=own_text, log=log)
         log(kv("smoke_data", path=data_path, train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"]))
     barrier()
