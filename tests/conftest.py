@@ -58,12 +58,13 @@ def tiny_data(tmp_path_factory):
     return out
 
 
-def run_trainer(env, nproc=1, timeout=600, cwd=None):
+def run_trainer(env, nproc=1, timeout=600, cwd=None, script=None):
     """Run train_gpt.py in a fresh process (torchrun for nproc > 1); returns CompletedProcess (text)."""
     full_env = dict(os.environ, **{k: str(v) for k, v in env.items()}, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, str(REPO / "train_gpt.py")]
+    script = str(script or REPO / "train_gpt.py")
+    command = [sys.executable, script]
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train_gpt.py")]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(command, env=full_env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
 
 

@@ -156,7 +156,7 @@ def test_example_variants_file_parses():
     variants = dict(ablate.parse_variants((REPO_ROOT / "tools" / "variants" / "example.txt").read_text()))
     assert variants["baseline"] == {}
     assert variants["sliding_stride_64"] == {"SLIDING_EVAL_STRIDE": "64"}
-    assert variants["no_engram"] == {"BIGRAM_HASH_ENABLED": "0"}
+    assert variants["engram"] == {"BIGRAM_HASH_ENABLED": "1"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -102,3 +102,19 @@ def test_compile_stats_count_recompiles_after_warmup():
     f(torch.ones(7))
     train_gpt.log_compile_stats(lines.append, after_warmup)
     assert "recompiles_after_warmup:1" in lines[1]
+
+
+def test_smoke_preset_without_shared_uses_the_projects_own_text(tmp_path):
+    """A checkout with no ../shared still runs the smoke preset end to end, on its own docs and sources, and says so."""
+    import shutil
+    import subprocess
+    from conftest import REPO
+    checkout = tmp_path / "alone" / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, checkout / name)
+    out = run_trainer(dict(RUN_PRESET="smoke", MAX_WALLCLOCK_SECONDS="0", ITERATIONS="3", RUN_ID="alone"), cwd=checkout,
+                      script=checkout / "train_gpt.py")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "no ../shared/corpus found" in out.stdout and "final val_bpb:" in out.stdout
