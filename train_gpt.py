@@ -366,6 +366,8 @@ def init_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (fp32 heads, scans' einsums)
+        torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local_rank, device)
@@ -980,37 +982,52 @@ class MLP(nn.Module):
         return self.down(F.leaky_relu(self.up(x), self.negative_slope).square())
 
 
-SCAN_CHUNK = 32   # time steps per scan chunk: (chunk x chunk) decays per channel, T/chunk loop steps (CPU: 32 ~2x faster than 64)
+SCAN_CHUNK = 8    # time steps per scan chunk: work and memory grow with it, carry levels (log_chunk T) shrink; input-
+                  # dependent decay fwd+bwd (CPU, B4 T1024 C256): 4: 42 ms, 8: 105, 16: 222, 32: 402; the old loop 171
 KOOPMAN_RANK = 8  # rank of the Koopman SSM's low-rank state correction
 COUPLING_RANK = 4 # rank of the SKC capsule-coupling matrix
 
 
 def chunked_scan(log_decay, inputs, initial, segments=None, chunk=None):
     """Linear recurrence state_t = exp(log_decay_t) * state_{t-1} + inputs_t for every channel, state_{-1} = initial.
-    log_decay broadcastable to inputs (B, T, C), initial broadcastable to (B, C) -> states (B, T, C), float32.
-    Within a chunk: state_t = exp(L_t) carry + sum_{s<=t} exp(L_t - L_s) inputs_s with L the cumulative log decay;
-    the exponent is masked to s <= t before exp, so nothing overflows. Only the T/chunk chunks are looped over.
+    log_decay (C,) (time-invariant) or broadcastable to inputs (B, T, C), initial broadcastable to (B, C) -> states
+    (B, T, C), float32. No Python loop over time or chunks (a small graph for torch.compile): T is cut into chunks
+    of n; within all chunks at once, local_t = sum_{s<=t} exp(L_t - L_s) inputs_s from a zero state (L = cumulative
+    log decay in the chunk; the exponent is masked to s <= t before exp, so nothing overflows); the state entering
+    each chunk comes from the same recurrence one level up (chunk totals in, K = T/n steps), then
+    state_t = local_t + exp(L_t) * carry. A (C,) decay needs only (n, n, C) weights and one batched matmul.
     `segments` (B, T) document ids: a position starts from a zero state when its id differs from the previous one."""
     B, T, C = inputs.shape
-    chunk = chunk or SCAN_CHUNK
-    log_decay = log_decay.float().expand(B, T, C)
-    inputs, state = inputs.float(), initial.float().expand(B, C)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=inputs.device).tril()
-    outputs = []
-    for start in range(0, T, chunk):
-        x, cumulative = inputs[:, start:start + chunk], log_decay[:, start:start + chunk].cumsum(1)  # (B, n, C)
-        n = x.size(1)
-        valid = causal[:n, :n].expand(B, n, n)
-        carry = torch.ones(B, n, 1, device=inputs.device)
+    n = min(max(chunk or SCAN_CHUNK, 2), T)
+    K = -(-T // n)
+    x = F.pad(inputs.float(), (0, 0, 0, K * n - T)).view(B, K, n, C)
+    steps = torch.arange(n, device=inputs.device)
+    causal = steps[:, None] >= steps[None, :]                                                   # (t, s): s <= t
+    if log_decay.dim() == 1 and segments is None:
+        log_decay = log_decay.float()
+        weights = torch.exp((steps[:, None] - steps[None, :]).clamp_min(0)[..., None] * log_decay) * causal[..., None]
+        local = torch.einsum("tsc,bksc->bktc", weights, x)                                       # (B, K, n, C)
+        cumulative, chunk_log_decay, carry_mask, chunk_segments = (steps + 1)[:, None] * log_decay, n * log_decay, 1.0, None
+    else:
+        cumulative = F.pad(log_decay.float().expand(B, T, C), (0, 0, 0, K * n - T)).view(B, K, n, C).cumsum(2)
+        resets = torch.zeros(B, K, n, dtype=torch.long, device=inputs.device)
         if segments is not None:
-            seg = segments[:, start:start + n]
-            valid = valid & (seg[:, :, None] == seg[:, None, :])
-            carry = (seg == segments[:, max(start - 1, 0)][:, None]).unsqueeze(-1).float()
-        exponent = (cumulative[:, :, None, :] - cumulative[:, None, :, :]).masked_fill(~valid[..., None], float("-inf"))
-        states = (exponent.exp() * x[:, None]).sum(2) + carry * cumulative.exp() * state[:, None, :]
-        state = states[:, -1]
-        outputs.append(states)
-    return torch.cat(outputs, 1)
+            padded = torch.cat([segments, segments[:, -1:].expand(B, K * n - T)], 1)
+            resets = (padded != torch.cat([padded[:, :1], padded[:, :-1]], 1)).long().view(B, K, n).cumsum(2)
+        valid = causal & (resets[..., :, None] == resets[..., None, :])                          # (B, K, n, n)
+        exponent = (cumulative[..., :, None, :] - cumulative[..., None, :, :]).masked_fill(~valid[..., None], float("-inf"))
+        local = (exponent.exp() * x[:, :, None]).sum(3)
+        chunk_log_decay = F.pad(cumulative[:, :-1, -1], (0, 0, 1, 0))                            # (B, K, C)
+        carry_mask = (resets == 0).unsqueeze(-1).float()
+        chunk_segments = F.pad((resets[:, :-1, -1] > 0).long().cumsum(1), (1, 0)) if segments is not None else None
+    initial = initial.float().expand(B, C)[:, None]                                               # (B, 1, C)
+    if K == 1:
+        carries = initial
+    else:  # carry into chunk k = state after chunk k-1: the recurrence over [initial, S_0 .. S_{K-2}]
+        chunk_inputs = torch.cat([initial, local[:, :-1, -1]], 1)
+        carries = chunked_scan(chunk_log_decay, chunk_inputs, torch.zeros(C, device=inputs.device), chunk_segments, n)
+    states = local + carry_mask * cumulative.exp() * carries[:, :, None, :]
+    return states.view(B, K * n, C)[:, :T]
 
 
 def causal_depthwise_conv(x, weight, segments=None):
@@ -2207,8 +2224,29 @@ def run_eval_stack(model, val_tokens, hp, tables, run, log):
         seconds = time.perf_counter() - t0
         results[name] = dict(val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count)
         log(kv("eval", stage=name, val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count, tok_s=int(count / max(seconds, 1e-9)),
-               **truncation_note(hp)))
+               tok_s_gpu=int(count / max(seconds, 1e-9) / run.world_size), **projection_note(seconds, count, run), **truncation_note(hp)))
+    if run.device.type == "cuda":
+        projected = sum(eval_projection_seconds(r["eval_s"], r["tokens"], run.world_size) for r in results.values())
+        log(kv("eval_projection", stages=",".join(results), official_val_tokens=OFFICIAL_VAL_TOKENS, gpus=PROJECTION_GPUS,
+               projected_s=projected, limit_s=600))
     return results
+
+
+OFFICIAL_VAL_TOKENS = 40_500_000  # sp8192 tokens of the official FineWeb val split (about; the figure of issue 4)
+PROJECTION_GPUS = 8                # the competition machine: 8 GPUs of the kind this run is on
+
+
+def eval_projection_seconds(seconds, tokens, world_size):
+    """A stage's time on the official val split over PROJECTION_GPUS GPUs: every stage costs a fixed amount per
+    scored token and splits over ranks without communication, so time scales with tokens / GPUs (an estimate)."""
+    return seconds * OFFICIAL_VAL_TOKENS / max(tokens, 1) * world_size / PROJECTION_GPUS
+
+
+def projection_note(seconds, tokens, run):
+    """`proj_8gpu_official_s` on CUDA only: a CPU timing says nothing about the competition machine."""
+    if run.device.type != "cuda":
+        return {}
+    return {"proj_8gpu_official_s": eval_projection_seconds(seconds, tokens, run.world_size)}
 
 
 def truncation_note(hp):

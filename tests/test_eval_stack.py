@@ -206,6 +206,16 @@ def test_plan_order_and_budget_skip(tmp_path):
     assert summary["stage"] == "roundtrip" and summary["planned"] == "evalengram"
 
 
+def test_eval_projection_scales_to_the_official_val_split_on_eight_gpus():
+    """A stage's seconds scale by official tokens / scored tokens and by world size / 8; CPU lines carry none."""
+    one_gpu = train_gpt.eval_projection_seconds(10.0, 492_263, 1)
+    assert one_gpu == pytest.approx(10.0 * train_gpt.OFFICIAL_VAL_TOKENS / 492_263 / 8)
+    assert train_gpt.eval_projection_seconds(10.0, 492_263, 2) == pytest.approx(2 * one_gpu)
+    assert train_gpt.projection_note(10.0, 492_263, train_gpt.Dist()) == {}
+    on_gpu = train_gpt.projection_note(10.0, 492_263, train_gpt.Dist(device=torch.device("cuda", 0)))
+    assert on_gpu == {"proj_8gpu_official_s": pytest.approx(one_gpu)}
+
+
 def test_temperature_fit_reads_only_train_tokens(tiny_data, monkeypatch):
     """The temperature is fitted on the tail of the last train shard; val is never opened."""
     splits = []

@@ -43,15 +43,37 @@ def naive_scan(log_decay, inputs, initial, segments=None):
 
 
 @pytest.mark.parametrize("with_segments", [False, True])
-def test_chunked_scan_equals_sequential_reference(with_segments):
-    """The parallel chunked scan (chunks of 16 over T=50) equals a step-by-step loop to 1e-5, with document resets."""
+@pytest.mark.parametrize("decay", ["per_step", "per_channel"])
+@pytest.mark.parametrize("chunk", [16, 4, 64])
+def test_chunked_scan_equals_sequential_reference(with_segments, decay, chunk):
+    """The loop-free chunked scan equals a step-by-step loop to 1e-5 over T=50: input-dependent (B, T, C) and
+    time-invariant (C,) decays, document resets, one chunk (64), chunks (16) and chunks of chunks (4: 13 chunks,
+    whose carries are themselves scanned in 4 chunks)."""
     torch.manual_seed(0)
     B, T, C = 3, 50, 8
-    log_decay = -torch.nn.functional.softplus(torch.randn(B, T, C))
+    log_decay = -torch.nn.functional.softplus(torch.randn(B, T, C) if decay == "per_step" else torch.randn(C))
     inputs, initial = torch.randn(B, T, C), torch.randn(C)
     segments = (torch.rand(B, T) < 0.1).long().cumsum(1) if with_segments else None
-    fast = train_gpt.chunked_scan(log_decay, inputs, initial, segments, chunk=16)
+    fast = train_gpt.chunked_scan(log_decay, inputs, initial, segments, chunk=chunk)
     assert torch.allclose(fast, naive_scan(log_decay, inputs, initial, segments), atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", ["per_step", "per_channel"])
+def test_chunked_scan_gradients_equal_the_sequential_reference(decay):
+    """Backward through the chunked scan (chunks of chunks, resets) gives the loop's gradients for decay, inputs and
+    initial state."""
+    torch.manual_seed(1)
+    B, T, C = 2, 37, 5
+    raw = torch.randn(B, T, C) if decay == "per_step" else torch.randn(C)
+    segments = (torch.rand(B, T) < 0.1).long().cumsum(1)
+    grads = []
+    for scan in (lambda *a: train_gpt.chunked_scan(*a, chunk=4), naive_scan):
+        leaves = [raw.clone().requires_grad_(), torch.randn(B, T, C, generator=torch.Generator().manual_seed(2)).requires_grad_(),
+                  torch.linspace(-1, 1, C).requires_grad_()]
+        out = scan(-torch.nn.functional.softplus(leaves[0]), leaves[1], leaves[2], segments)
+        (out * torch.linspace(0.5, 2, C)).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
 
 
 def test_causal_conv_and_capsule_pool_match_references():

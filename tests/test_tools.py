@@ -26,17 +26,21 @@ def main():
 final = compute()
 step: int = 0
 ====================================================================
+versions python:3.11.7 torch:2.11.0 numpy:2.1.0 cuda:12.8 device:cuda:0 world_size:1 flash_attn:False
 model_params:73700000 ternary_params:70000000
 compile_s:45.2
 step:0/5000 train_loss:9.0112 lr_scale:0.0100 step_ms:0.0 tok_s:0 elapsed_s:0.0 remaining_s:240.0
 step:100/5000 train_loss:3.2101 lr_scale:0.9500 step_ms:385.2 tok_s:1361234 elapsed_s:38.5 remaining_s:201.5
 eval stage:train_step step:100 val_loss:3.3000 val_bpb:1.3100 eval_s:2.0 tokens:492263
-step:200/5000 train_loss:2.9000 lr_scale:0.5000 step_ms:385.0 tok_s:1361900 elapsed_s:77.0 remaining_s:163.0
+step:200/5000 train_loss:2.9000 lr_scale:0.5000 step_ms:385.0 tok_s:1361900 tok_s_gpu:1361900 mfu:0.4100 elapsed_s:77.0 remaining_s:163.0
+compile_stats recompiles_after_warmup:0 unique_graphs:1 frames:1
 eval stage:train_step step:200 val_loss:2.9500 val_bpb:1.1800 eval_s:2.0 tokens:492263
 eval stage:prequant val_loss:2.3000 val_bpb:1.0980 eval_s:12.3 tokens:492263
 artifact bytes_total:15800000 bytes_code:60000 bytes_model:15740000 path:artifacts/run.skc
 eval stage:roundtrip val_loss:2.3456 val_bpb:1.1235 eval_s:12.3 tokens:492263
 eval stage:sliding val_loss:2.3000 val_bpb:1.1010 eval_s:60.4 tokens:492263
+export_cost delta_bpb:0.0255 prequant_bpb:1.0980 roundtrip_bpb:1.1235
+eval_projection stages:roundtrip,sliding official_val_tokens:40500000 gpus:8 projected_s:746.2 limit_s:600
 final val_bpb:1.1010 val_loss:2.3000 stage:sliding bytes_total:15800000 bytes_code:60000 bytes_model:15740000 steps:624 step_ms:385.0 tok_s:1361500
 """
 
@@ -102,8 +106,18 @@ def test_missing_events_read_as_none():
 def test_summary_line_of_full_log():
     """The summary line has the contract's keys in order, eval_s summed over post-training stages."""
     line = logparse.summary_line(logparse.parse_log(FULL_LOG), "abc1234", "baseline")
-    assert line == ("proxy roundtrip_bpb:1.1235 sliding_bpb:1.101 bytes_total:15800000 steps:624 step_ms:385.0 "
-                    "tok_s:1361500 compile_s:45.2 eval_s:85.0 commit:abc1234 variant:baseline")
+    assert line == ("proxy reported_stage:sliding reported_bpb:1.101 roundtrip_bpb:1.1235 sliding_bpb:1.101 "
+                    "export_delta_bpb:0.0255 bytes_total:15800000 steps:624 step_ms:385.0 tok_s:1361500 "
+                    "tok_s_gpu:1361900 mfu:0.41 proj_8gpu_steps_600s:12467 compile_s:45.2 recompiles:0 eval_s:85.0 "
+                    "eval_proj_8gpu_s:746.2 commit:abc1234 variant:baseline")
+
+
+def test_projections_scale_with_the_world_size_and_need_a_gpu():
+    """2 GPUs at 800 ms/step project to 600 s / (0.8 s * 2 / 8) = 3000 steps; a CPU log projects nothing."""
+    two_gpus = FULL_LOG.replace("world_size:1", "world_size:2").replace("step_ms:385.0 tok_s:1361500", "step_ms:800.0 tok_s:1")
+    assert logparse.summarize(logparse.parse_log(two_gpus))["proj_8gpu_steps_600s"] == 3000
+    on_cpu = logparse.summarize(logparse.parse_log(FULL_LOG.replace("device:cuda:0", "device:cpu")))
+    assert on_cpu["proj_8gpu_steps_600s"] is None and on_cpu["mfu"] is None
 
 
 def test_summary_line_falls_back_and_marks_truncation():
@@ -112,6 +126,7 @@ def test_summary_line_falls_back_and_marks_truncation():
     summary = logparse.parse_summary_line(line)
     assert summary["steps"] == 20 and summary["step_ms"] is None
     assert summary["roundtrip_bpb"] == 2.4 and summary["sliding_bpb"] == 2.35
+    assert summary["reported_bpb"] is None and summary["proj_8gpu_steps_600s"] is None
     assert summary["bytes_total"] is None and summary["compile_s"] is None and summary["eval_s"] == 1.5
     assert summary["commit"] is None and summary["variant"] == "tiny" and summary["val_max_tokens"] == 40960
 
@@ -129,7 +144,8 @@ def test_logparse_cli_prints_summary(tmp_path):
     log_path.write_text(FULL_LOG)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "logparse.py"), str(log_path),
                              "--commit", "c0ffee", "--variant", "v"], capture_output=True, text=True, check=True)
-    assert result.stdout.startswith("proxy roundtrip_bpb:1.1235 ") and result.stdout.strip().endswith("variant:v")
+    assert result.stdout.startswith("proxy reported_stage:sliding reported_bpb:1.101 roundtrip_bpb:1.1235 ")
+    assert result.stdout.strip().endswith("variant:v")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,7 +179,8 @@ def test_example_variants_file_parses():
 # Results table
 # ---------------------------------------------------------------------------------------------------------
 
-def make_row(variant="baseline", env=None, summary_text="proxy roundtrip_bpb:1.1235 sliding_bpb:1.101 bytes_total:15800000 steps:624 step_ms:385.0 tok_s:1361500"):
+def make_row(variant="baseline", env=None, summary_text="proxy reported_stage:sliding reported_bpb:1.101 roundtrip_bpb:1.1235 "
+             "sliding_bpb:1.101 bytes_total:15800000 steps:624 step_ms:385.0 tok_s:1361500"):
     """A results row built from a summary line, as ablate.py builds it."""
     summary = logparse.parse_summary_line(summary_text)
     return ablate.results_row(summary, "2026-11-24 12:00", "abc1234", "1xNVIDIA H100 80GB HBM3", variant,
@@ -179,9 +196,9 @@ def test_docs_results_has_the_table_header():
 
 def test_results_row_has_one_cell_per_column():
     """A row has every column, NA for missing values, env in backticks, pipes escaped."""
-    row = make_row(env={"A": "1|2"}, summary_text="proxy roundtrip_bpb:1.2 val_max_tokens:4096")
+    row = make_row(env={"A": "1|2"}, summary_text="proxy reported_stage:roundtrip reported_bpb:1.2 roundtrip_bpb:1.2 val_max_tokens:4096")
     assert ablate.is_results_row(row)
-    assert "| 1.2 (val_max_tokens:4096) | NA |" in row and "`A='1\\|2'`" in row
+    assert "| roundtrip | 1.2 (val_max_tokens:4096) | 1.2 (val_max_tokens:4096) | NA |" in row and "`A='1\\|2'`" in row
 
 
 def test_append_row_lands_inside_the_results_table(tmp_path):
@@ -302,8 +319,9 @@ def test_proxy_bench_dry_run_pipeline(fake_pipeline, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line == ("proxy roundtrip_bpb:2.0 sliding_bpb:1.9 bytes_total:123456 steps:10 step_ms:100.0 "
-                         "tok_s:8000 compile_s:0.5 eval_s:3.0 commit:abc1234 variant:FAKE_KNOB=7")
+    assert last_line == ("proxy reported_stage:sliding reported_bpb:1.9 roundtrip_bpb:2.0 sliding_bpb:1.9 export_delta_bpb:NA "
+                         "bytes_total:123456 steps:10 step_ms:100.0 tok_s:8000 tok_s_gpu:NA mfu:NA proj_8gpu_steps_600s:NA "
+                         "compile_s:0.5 recompiles:NA eval_s:3.0 eval_proj_8gpu_s:NA commit:abc1234 variant:FAKE_KNOB=7")
     assert ("config RUN_PRESET:smoke CUDA_VISIBLE_DEVICES:empty SLIDING_EVAL:1 VOCAB_SIZE:8192 "
             "MAX_WALLCLOCK_SECONDS:20 FAKE_KNOB:7") in result.stdout
     copied_logs = list((tmp_path / "out").glob("proxy_FAKE_KNOB_7_*.txt"))
@@ -311,6 +329,24 @@ def test_proxy_bench_dry_run_pipeline(fake_pipeline, tmp_path):
     rerun = subprocess.run(["bash", str(REPO_ROOT / "tools" / "proxy_bench.sh"), "--dry-run"],
                            env=fake_pipeline, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "reusing shards" in rerun.stdout
+
+
+def test_proxy_bench_env_file_sits_under_the_arguments_and_keeps_the_proxy_clock(fake_pipeline, tmp_path):
+    """PROXY_ENV_FILE's values reach the trainer, KEY=VALUE arguments beat them, and its MAX_WALLCLOCK_SECONDS
+    never replaces the proxy's."""
+    env_file = tmp_path / "contest.env"
+    env_file.write_text("# a comment\nFAKE_KNOB=5\nMAX_WALLCLOCK_SECONDS=590\nSLIDING_EVAL=0\n")
+    environment = dict(fake_pipeline, PROXY_ENV_FILE=str(env_file), PROXY_COMMIT="abc1234")
+    bench = ["bash", str(REPO_ROOT / "tools" / "proxy_bench.sh"), "--dry-run"]
+    result = subprocess.run(bench, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SLIDING_EVAL:0 VOCAB_SIZE:8192 MAX_WALLCLOCK_SECONDS:20 FAKE_KNOB:5" in result.stdout
+    assert result.stdout.strip().endswith("variant:contest")
+    result = subprocess.run(bench + ["FAKE_KNOB=7"], env=environment, capture_output=True, text=True, timeout=120)
+    assert "FAKE_KNOB:7" in result.stdout and result.stdout.strip().endswith("variant:contest,FAKE_KNOB=7")
+    missing = subprocess.run(bench, env=dict(environment, PROXY_ENV_FILE=str(tmp_path / "nope.env")),
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "PROXY_ENV_FILE" in missing.stderr
 
 
 def test_proxy_bench_aborts_when_tokenization_is_too_slow(fake_pipeline):
@@ -334,8 +370,23 @@ def test_ablate_dry_run_appends_cpu_rows(fake_pipeline, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in results_path.read_text().splitlines() if ablate.is_results_row(line)]
     assert len(rows) == 2
-    assert "| abc1234 | cpu-dry-run | knob | `FAKE_KNOB=3` | 2.0 | 1.9 | 123456 | 10 | 100.0 | 8000 |" in rows[1]
+    assert "| abc1234 | cpu-dry-run | knob | `FAKE_KNOB=3` | sliding | 1.9 | 2.0 | 1.9 | NA | 123456 | 10 | 100.0 |" in rows[1]
     assert (tmp_path / "out" / "results_rows.md").read_text().splitlines() == rows
+
+
+def test_ablate_env_file_reaches_proxy_bench_and_the_row_command(fake_pipeline, tmp_path):
+    """--env-file runs the variants on top of the file and the row's command reproduces that."""
+    results_path = tmp_path / "results.md"
+    shutil.copy(REPO_ROOT / "docs" / "results.md", results_path)
+    (tmp_path / "variants.txt").write_text("base:\n")
+    (tmp_path / "contest.env").write_text("FAKE_KNOB=9\n")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "ablate.py"), str(tmp_path / "variants.txt"),
+                             "--dry-run", "--results", str(results_path), "--env-file", str(tmp_path / "contest.env")],
+                            env=fake_pipeline, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAKE_KNOB:9" in result.stdout
+    row = [line for line in results_path.read_text().splitlines() if ablate.is_results_row(line)][0]
+    assert f"`PROXY_ENV_FILE={tmp_path / 'contest.env'} bash tools/proxy_bench.sh --dry-run`" in row
 
 
 def test_ablate_stops_when_the_budget_is_spent(fake_pipeline, tmp_path):

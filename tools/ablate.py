@@ -11,14 +11,20 @@ variant is started only when the time left is at least the last run's duration (
 the budget's end), so one device command of 10 minutes never loses its results to the hard stop. Each
 finished run's `proxy ...` summary line becomes a row of the results table in docs/results.md:
 
-    | date | commit | device | variant | env | roundtrip_bpb | sliding_bpb | bytes_total | steps | step_ms | tok_s | command |
+    | date | commit | device | variant | env | reported_stage | reported_bpb | roundtrip_bpb | sliding_bpb | ... | command |
+
+(every key of logparse.SUMMARY_KEYS but compile_s / recompiles / tok_s; see RESULT_COLUMNS).
 
 On the GPU machine the rows land in the device's copy of the repo, so they are also written to
 $OUT/results_rows.md; back here, `python tools/ablate.py --import-rows FILE` appends them to docs/results.md.
 The device's copy has no .git: pass the commit in (`PROXY_COMMIT=$(git rev-parse --short HEAD)` or --commit).
 
+`--env-file FILE` runs every variant on top of FILE (e.g. best_known_competition.env: variants of the
+competition config) through proxy_bench's PROXY_ENV_FILE; the row's command says so.
+
 Usage:
     python tools/ablate.py tools/variants/example.txt --time-budget-s 570        # on the 1xH100 machine
+    python tools/ablate.py tools/variants/competition.txt --env-file best_known_competition.env --only competition
     python tools/ablate.py tools/variants/example.txt --dry-run --only baseline  # CPU smoke run here
     python tools/ablate.py --import-rows /path/to/results_rows.md
 """
@@ -41,10 +47,11 @@ import logparse  # noqa: E402  (the shared parser beside this file)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_PATH = REPO_ROOT / "docs" / "results.md"
 DEFAULT_PROXY_BENCH = REPO_ROOT / "tools" / "proxy_bench.sh"
-RESULT_COLUMNS = (
-    "date", "commit", "device", "variant", "env", "roundtrip_bpb", "sliding_bpb",
-    "bytes_total", "steps", "step_ms", "tok_s", "command",
+SUMMARY_COLUMNS = (
+    "reported_stage", "reported_bpb", "roundtrip_bpb", "sliding_bpb", "export_delta_bpb", "bytes_total", "steps",
+    "step_ms", "tok_s_gpu", "mfu", "proj_8gpu_steps_600s", "eval_s", "eval_proj_8gpu_s",
 )
+RESULT_COLUMNS = ("date", "commit", "device", "variant", "env") + SUMMARY_COLUMNS + ("command",)
 RESULTS_HEADER = "| " + " | ".join(RESULT_COLUMNS) + " |"
 RESULTS_SEPARATOR = "|" + "|".join("---" for _ in RESULT_COLUMNS) + "|"
 DRY_RUN_DEVICE = "cpu-dry-run"
@@ -113,10 +120,11 @@ def results_row(summary, date, commit, device, variant, env, command):
         "date": date, "commit": commit, "device": device, "variant": variant,
         "env": code_cell(format_env(env)), "command": code_cell(command),
     }
-    for key in ("roundtrip_bpb", "sliding_bpb", "bytes_total", "steps", "step_ms", "tok_s"):
+    for key in SUMMARY_COLUMNS:
         values[key] = logparse.format_value(summary.get(key))
     if summary.get("val_max_tokens") is not None:
-        values["roundtrip_bpb"] = f"{values['roundtrip_bpb']} (val_max_tokens:{summary['val_max_tokens']})"
+        for key in ("reported_bpb", "roundtrip_bpb"):
+            values[key] = f"{values[key]} (val_max_tokens:{summary['val_max_tokens']})"
     return "| " + " | ".join(table_cell(values[column]) for column in RESULT_COLUMNS) + " |"
 
 
@@ -242,9 +250,12 @@ def run_variants(variants, options):
             break
         arguments = ["bash", str(options.proxy_bench)] + (["--dry-run"] if options.dry_run else [])
         arguments += [f"{key}={value}" for key, value in env.items()]
-        command_text = " ".join(["bash", "tools/proxy_bench.sh"] + [shlex.quote(a) for a in arguments[2:]])
+        prefix = [f"PROXY_ENV_FILE={shlex.quote(options.env_file)}"] if options.env_file else []
+        command_text = " ".join(prefix + ["bash", "tools/proxy_bench.sh"] + [shlex.quote(a) for a in arguments[2:]])
         environment = dict(os.environ, PROXY_VARIANT=name, PROXY_COMMIT=commit,
                            PROXY_DEADLINE_S=str(int(min(remaining_s - 5, options.proxy_deadline_s))))
+        if options.env_file:
+            environment["PROXY_ENV_FILE"] = options.env_file
         print(f"ablate: [{index + 1}/{len(variants)}] {name}: {command_text} ({remaining_s:.0f}s left)", flush=True)
         status, output, last_duration_s = run_proxy_bench(arguments, environment, remaining_s)
         summary = logparse.find_summary_line(output)
@@ -274,6 +285,7 @@ def main(arguments=None):
     parser.add_argument("--proxy-deadline-s", type=float, default=585.0,
                         help="upper bound passed to proxy_bench as PROXY_DEADLINE_S (default 585)")
     parser.add_argument("--dry-run", action="store_true", help="CPU dry run of proxy_bench; rows say cpu-dry-run")
+    parser.add_argument("--env-file", help="KEY=VALUE file every variant runs on top of (proxy_bench's PROXY_ENV_FILE)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_PATH, help="results markdown file")
     parser.add_argument("--commit", help="commit for the rows (default PROXY_COMMIT or git)")
     parser.add_argument("--device", help="device for the rows (default from nvidia-smi)")
@@ -288,6 +300,8 @@ def main(arguments=None):
         return 0
     if not options.variants_file:
         parser.error("a variants file is required (or --import-rows FILE)")
+    if options.env_file and not Path(options.env_file).is_file():
+        parser.error(f"--env-file {options.env_file} is not a file")
     variants = parse_variants(Path(options.variants_file).read_text(encoding="utf-8"))
     if options.only:
         unknown = set(options.only) - {name for name, _ in variants}

@@ -10,6 +10,10 @@ token is `key:value`:
     eval stage:train_step step:500 val_loss:... val_bpb:...
     artifact bytes_total:15800000 bytes_code:60000 bytes_model:15740000 path:...
     final val_bpb:1.2345 val_loss:2.3456 stage:sliding bytes_total:... steps:620 step_ms:385.0 tok_s:...
+    versions python:3.11.7 torch:2.11.0 device:cuda:0 world_size:1 ...
+    export_cost delta_bpb:0.0100 prequant_bpb:... roundtrip_bpb:...
+    eval_projection stages:roundtrip,sliding official_val_tokens:40500000 gpus:8 projected_s:95.0 limit_s:600
+    compile_stats recompiles_after_warmup:0 unique_graphs:1 frames:1
 
 The parser is tolerant: unknown lines (the trainer also logs its own source, nvidia-smi, the config) are
 skipped, a missing key reads as None, and a value that is not a number stays a string. Only stdlib is used,
@@ -26,12 +30,17 @@ import math
 import re
 import sys
 
-# Stages that run after training, in the order the trainer runs them (stage names from the trainer's log).
-FINAL_EVAL_STAGES = ("prequant", "roundtrip", "sliding", "ttt", "ngram", "evalengram")
 # The stage name of the periodic evals during training.
 TRAIN_STEP_STAGE = "train_step"
-# The keys of the summary line, in print order (commit and variant are appended last).
-SUMMARY_KEYS = ("roundtrip_bpb", "sliding_bpb", "bytes_total", "steps", "step_ms", "tok_s", "compile_s", "eval_s")
+# The keys of the summary line, in print order (commit and variant are appended last). reported_* is the one
+# metric the run declared before it started (its eval plan's last stage, from the `final` line).
+SUMMARY_KEYS = ("reported_stage", "reported_bpb", "roundtrip_bpb", "sliding_bpb", "export_delta_bpb", "bytes_total",
+                "steps", "step_ms", "tok_s", "tok_s_gpu", "mfu", "proj_8gpu_steps_600s", "compile_s", "recompiles",
+                "eval_s", "eval_proj_8gpu_s")
+# Events that occur once per run (a repeat keeps the last): their `key:value` fields are stored whole.
+SINGLE_EVENTS = ("artifact", "final", "versions", "export_cost", "eval_projection", "compile_stats")
+# The competition machine the projections are for: 8 GPUs of the kind the run was on, training for 600 s.
+PROJECTION_GPUS, PROJECTION_TRAIN_S = 8, 600
 # How a missing value is written in the summary line and read back.
 MISSING = "NA"
 
@@ -98,14 +107,9 @@ def parse_eval_line(tokens):
 
 def empty_parse():
     """The parse of an empty log: every list empty, every single-event field None."""
-    return {
-        "train": [],
-        "evals": [],
-        "artifact": None,
-        "final": None,
-        "compile_s": None,
-        "model": None,
-    }
+    parsed = {"train": [], "evals": [], "compile_s": None, "model": None}
+    parsed.update({event: None for event in SINGLE_EVENTS})
+    return parsed
 
 
 def parse_log(text):
@@ -118,9 +122,10 @@ def parse_log(text):
                 intermediate `train_step` evals and final stages alike, in log order
       artifact  dict of the `artifact` line (bytes_total, bytes_code, bytes_model, path) or None
       final     dict of the `final` line or None
+      versions, export_cost, eval_projection, compile_stats   dict of that line or None
       compile_s the `compile_s:` value or None
       model     dict of the `model_params:` line (model_params, ternary_params, ...) or None
-    A repeated single event (artifact, final, compile_s, model) keeps its last occurrence.
+    A repeated single event (SINGLE_EVENTS, compile_s, model) keeps its last occurrence.
     """
     parsed = empty_parse()
     for line in text.splitlines():
@@ -136,7 +141,7 @@ def parse_log(text):
             record = parse_eval_line(tokens)
             if record is not None:
                 parsed["evals"].append(record)
-        elif event in ("artifact", "final"):
+        elif event in SINGLE_EVENTS:
             fields = parse_key_values(tokens[1:])
             if fields:
                 parsed[event] = fields
@@ -188,17 +193,42 @@ def summarize(parsed):
     evals_after_training = final_evals(parsed)
     eval_seconds = [record["eval_s"] for record in evals_after_training if is_number(record["eval_s"])]
     truncations = [record["val_max_tokens"] for record in evals_after_training if is_number(record["val_max_tokens"])]
+    step_ms = first_present(field(final, "step_ms"), field(last_step, "step_ms"))
     return {
+        "reported_stage": field(final, "stage"),
+        "reported_bpb": field(final, "val_bpb"),
         "roundtrip_bpb": field(last_eval(parsed, "roundtrip"), "val_bpb"),
         "sliding_bpb": field(last_eval(parsed, "sliding"), "val_bpb"),
+        "export_delta_bpb": field(parsed["export_cost"], "delta_bpb"),
         "bytes_total": first_present(field(final, "bytes_total"), field(parsed["artifact"], "bytes_total")),
         "steps": first_present(field(final, "steps"), field(last_step, "step")),
-        "step_ms": first_present(field(final, "step_ms"), field(last_step, "step_ms")),
+        "step_ms": step_ms,
         "tok_s": first_present(field(final, "tok_s"), field(last_step, "tok_s")),
+        "tok_s_gpu": field(last_step, "tok_s_gpu"),
+        "mfu": field(last_step, "mfu") if on_gpu(parsed) else None,
+        "proj_8gpu_steps_600s": projected_steps(step_ms, parsed),
         "compile_s": parsed["compile_s"],
+        "recompiles": field(parsed["compile_stats"], "recompiles_after_warmup"),
         "eval_s": round(sum(eval_seconds), 1) if eval_seconds else None,
+        "eval_proj_8gpu_s": field(parsed["eval_projection"], "projected_s"),
         "val_max_tokens": max(truncations) if truncations else None,
     }
+
+
+def on_gpu(parsed):
+    """True when the `versions` line says the run was on CUDA (MFU and projections mean nothing on a CPU)."""
+    return str(field(parsed["versions"], "device")).startswith("cuda")
+
+
+def projected_steps(step_ms, parsed):
+    """Optimizer steps in PROJECTION_TRAIN_S on PROJECTION_GPUS GPUs, from a run on `world_size` GPUs of the same
+    kind with the same global batch: each GPU then runs world_size / PROJECTION_GPUS of the micro-batches, so a
+    step takes step_ms * world_size / PROJECTION_GPUS (ideal scaling: gradient all-reduce not counted). None off
+    the GPU or without the numbers."""
+    world_size = field(parsed["versions"], "world_size")
+    if not on_gpu(parsed) or not is_number(step_ms) or not is_number(world_size) or step_ms <= 0:
+        return None
+    return int(PROJECTION_TRAIN_S * 1000 / (step_ms * world_size / PROJECTION_GPUS))
 
 
 def format_value(value):

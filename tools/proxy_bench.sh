@@ -18,7 +18,11 @@
 # ../shared/corpus/fineweb.train_1mb.jsonl when .bench/ is missing), RUN_PRESET=smoke, MAX_WALLCLOCK_SECONDS=20.
 #
 # The script's own settings (env vars):
-#   PROXY_VARIANT          variant name in the summary line (default: the KEY=VALUE arguments, or "default")
+#   PROXY_ENV_FILE         a KEY=VALUE file (e.g. best_known_competition.env) loaded under the KEY=VALUE arguments
+#                          and any env var already set; its MAX_WALLCLOCK_SECONDS is ignored (the proxy's 240 s
+#                          rule); default none: the trainer's own defaults
+#   PROXY_VARIANT          variant name in the summary line (default: the env file's name and the KEY=VALUE
+#                          arguments, or "default")
 #   PROXY_COMMIT           commit in the summary line (default: git rev-parse --short HEAD [+ -dirty], else "unknown")
 #   PROXY_BENCH_DIR        payload folder (default .bench)
 #   PROXY_SHARED_DIR       shared folder for a dry run without .bench/ (default ../shared)
@@ -66,10 +70,15 @@ deadline_s=${PROXY_DEADLINE_S:-585}
 max_tokenize_s=${PROXY_MAX_TOKENIZE_S:-150}
 eval_reserve_s=${PROXY_EVAL_RESERVE_S:-200}
 
+env_file=${PROXY_ENV_FILE:-}
+[ -z "$env_file" ] || [ -f "$env_file" ] || die "PROXY_ENV_FILE='$env_file' is not a file"
 if [ -n "${PROXY_VARIANT:-}" ]; then
   variant=$PROXY_VARIANT
-elif [ ${#passthrough[@]} -gt 0 ]; then
-  variant=$(IFS=,; echo "${passthrough[*]}")
+elif [ ${#passthrough[@]} -gt 0 ] || [ -n "$env_file" ]; then
+  name_parts=()
+  [ -z "$env_file" ] || name_parts+=("$(basename "$env_file" .env)")
+  name_parts+=("${passthrough[@]}")
+  variant=$(IFS=,; echo "${name_parts[*]}")
 else
   variant=default
 fi
@@ -187,6 +196,13 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # Train and evaluate
 # ---------------------------------------------------------------------------------------------------------
+if [ -n "$env_file" ]; then
+  # Loaded after the budget above, so the file's MAX_WALLCLOCK_SECONDS never replaces the proxy's (trainer_env
+  # below sets it); KEY=VALUE arguments and variables set before the command win over the file.
+  source tools/load_env_file.sh
+  load_env_file "$env_file"
+  say "loaded $env_file"
+fi
 # Only letters, digits, '.', '_' and '-': the device refuses to bring back other file names from $OUT.
 safe_variant=${variant//[^A-Za-z0-9_.-]/_}
 run_id=proxy_${safe_variant:0:80}_$(date +%Y%m%d_%H%M%S)
