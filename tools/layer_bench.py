@@ -26,10 +26,10 @@ with --group-size). Their defaults are the competition's per-GPU micro-batch: 76
 MLP_MULT=4, seq 2048, 32 sequences (65536 tokens). MoE / shared blocks / add-ons are GPT-level and not built.
 Records are also appended as JSON lines to --json-out (default $OUT/layer_bench.jsonl when OUT is set).
 
-torch.compile (on by default on CUDA) unrolls the 64 scan chunks of an skc / koopman_ssm layer at seq 2048: their
-compile_s is about a minute each (inductor on a 2-core CPU: attn 10 s, skc 67 s, koopman_ssm 78 s at batch 1), so
-the whole run is about 2-3 minutes. For commands of at most 3 minutes, split it with --kinds (keep attn in each
-part for vs_attn), or pass --no-compile.
+torch.compile (on by default on CUDA): the scans of skc / koopman_ssm have no Python loop over chunks, so a block
+compiles in seconds (inductor on this 2-core CPU, 768 wide, seq 2048, batch 1: attn 4 s, skc 16 s, koopman_ssm
+15 s; with the earlier loop over 64 chunks: 10, 67 and 78 s). The whole run should take one to two minutes;
+--kinds splits it and --no-compile skips compilation.
 
 Usage:
     python tools/layer_bench.py --dry-run                       # tiny shapes, any device (CPU: a few seconds)
