@@ -156,7 +156,7 @@ SPEC = (
     ("TERNARY_CLIP_MODE", "row_std", "clip candidates: none | percentile (|w| quantiles of the tensor) | row_std (k * row std)"),
     ("TERNARY_SCALE_SEARCH", 0, "1 = calibrate a per-tensor ternary scale multiplier (0.8..1.2) on held-out TRAIN tokens by coordinate search"),
     ("TERNARY_THRESHOLD_SEARCH", 0, "1 = calibrate a per-tensor ternary zero threshold (0.35..0.65 of the scale) the same way"),
-    ("CALIB_TOKENS", 65536, "calibration tokens: the last CALIB_TOKENS of the train shards (never val)"),
+    ("CALIB_TOKENS", 65536, "calibration tokens: the last CALIB_TOKENS + 1 of the train shards, held out of training when used (never val)"),
     ("CALIB_MAX_EVALS", 256, "calibration budget: calibration-loss evaluations"),
     ("CALIB_MAX_SECONDS", 60.0, "calibration budget: seconds of search (rank 0 searches, the others wait; at most 300)"),
     ("EXPORT_ALIGNED_TRAIN", 0, "1 = run clip search + calibration once at EXPORT_ALIGNED_START_FRACTION of training and keep training through them"),
@@ -172,7 +172,7 @@ SPEC = (
     ("SLIDING_BATCH_SIZE", 32, "windows per forward pass in the sliding stage"),
     ("EVAL_MAX_SECONDS", 0.0, "eval budget: a stage whose projected time (after its first chunk) would pass it is skipped (0 = none)"),
     ("TEMP_SCALING", 0, "1 = fit one softmax temperature on the last TEMP_FIT_TOKENS train tokens; used by stages after roundtrip"),
-    ("TEMP_FIT_TOKENS", 65536, "held-out train tokens (end of the last train shard, never val) for TEMP_SCALING"),
+    ("TEMP_FIT_TOKENS", 65536, "the last TEMP_FIT_TOKENS of the train shards, held out of training, for TEMP_SCALING (never val)"),
     ("TTT_ENABLED", 0, "1 = add the legal test-time-training stage: score a chunk, then adapt on it, then the next chunk"),
     ("TTT_SCOPE", "scales", "TTT params: scales (route scalar) | skc_safe (+ ttt_group skc) | capsule_bank | all"),
     ("TTT_LR", 0.005, "TTT SGD learning rate"),
@@ -313,8 +313,9 @@ class Hyperparameters:
         _require(not self.turbo_quant_train or group & (group - 1) == 0, f"TURBO_QUANT_TRAIN=1 needs BITNET_GROUP_SIZE a power of 2 (got {group})")
         _require(self.calib_tokens > self.train_seq_len, f"CALIB_TOKENS={self.calib_tokens} must exceed TRAIN_SEQ_LEN={self.train_seq_len}")
         _require(0 < self.calib_max_seconds <= 300, f"CALIB_MAX_SECONDS={self.calib_max_seconds} must be in (0, 300] (other ranks wait on rank 0)")
-        searching = self.gptq_lite_enabled and self.ternary_clip_mode != "none" or self.ternary_scale_search or self.ternary_threshold_search
-        _require(not self.export_aligned_train or searching, "EXPORT_ALIGNED_TRAIN=1 has nothing to align: set GPTQ_LITE_ENABLED=1, "
+        self.export_search = bool(self.gptq_lite_enabled and self.ternary_clip_mode != "none" or self.ternary_scale_search
+                                  or self.ternary_threshold_search)
+        _require(not self.export_aligned_train or self.export_search, "EXPORT_ALIGNED_TRAIN=1 has nothing to align: set GPTQ_LITE_ENABLED=1, "
                  "TERNARY_SCALE_SEARCH=1 or TERNARY_THRESHOLD_SEARCH=1")
         _require(0 <= self.export_aligned_start_fraction < 1, f"EXPORT_ALIGNED_START_FRACTION={self.export_aligned_start_fraction} must be in [0, 1)")
         _require(self.engram_prune_min_hits >= 0, "ENGRAM_PRUNE_MIN_HITS must be >= 0")
@@ -453,10 +454,20 @@ def load_val_tokens(data_path, vocab_size, max_tokens=0):
 
 
 class TokenStream:
-    """Reads the train shards in order, forever, as one stream of tokens."""
+    """Reads the train shards in order, forever, as one stream of tokens, without the last `holdout` tokens (the
+    held-out tail that calibration and temperature fitting read)."""
 
-    def __init__(self, paths, vocab_size):
+    def __init__(self, paths, vocab_size, holdout=0):
         self.shards = [load_shard(p, vocab_size) for p in paths]
+        total = sum(len(shard) for shard in self.shards)
+        if total - holdout < 2:
+            raise ConfigError(f"the train shards hold {total} tokens, and {holdout} are held out for calibration / "
+                              "temperature fitting (CALIB_TOKENS, TEMP_FIT_TOKENS): add train data or lower them")
+        while holdout > 0:
+            last = self.shards.pop()
+            if len(last) > holdout:
+                self.shards.append(last[:len(last) - holdout])
+            holdout -= len(last)
         self.shard_index, self.position = 0, 0
 
     def state(self):
@@ -485,8 +496,8 @@ class DistributedTokenLoader:
     On CUDA the next span is prefetched: filled into one of two alternating pinned buffers and copied on a side
     stream while the current step computes."""
 
-    def __init__(self, paths, vocab_size, rank, world_size, device):
-        self.stream = TokenStream(paths, vocab_size)
+    def __init__(self, paths, vocab_size, rank, world_size, device, holdout=0):
+        self.stream = TokenStream(paths, vocab_size, holdout)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -1569,7 +1580,7 @@ PARAM_ROUTES = {
     "ternary": ("muon", "matrix_lr", "muon_wd", "ternary"),
     "dense": ("muon", "matrix_lr", "muon_wd", "fp"),
     "embed": ("adam", "embed_lr", "adam_wd", "fp"),
-    "scalar": ("adam", "scalar_lr", None, "fp32"),
+    "scalar": ("adam", "scalar_lr", None, "fp16"),  # rounded to fp16 once before export (round_scalars_to_fp16)
 }
 
 
@@ -1821,10 +1832,25 @@ def export_parts(model):
         covered.add(prefix + "weight")
     for name, tensor in model.state_dict().items():
         if name not in covered:
-            meta, blob = _raw_part(tensor.float(), "fp32")
-            entries.append(dict(name=name, scheme="fp32", parts=[meta]))
+            value = tensor.detach().float()
+            exact = torch.equal(value.half().float(), value)  # lossless either way: fp16 only when it is exact
+            meta, blob = _raw_part(value.half() if exact else value, "fp16_scalars" if exact else "fp32")
+            entries.append(dict(name=name, scheme="scalar", parts=[meta]))
             blobs.append(blob)
     return entries, blobs
+
+
+@torch.no_grad()
+def round_scalars_to_fp16(model):
+    """Round every route-'scalar' parameter (gains, scales, mixes, decays; PARAM_ROUTES) to fp16 in place, once,
+    before export, so export_parts stores them as fp16 exactly (half the bytes of fp32) and the reloaded model
+    computes what this one does. A tensor that would overflow fp16 stays fp32. Returns the count rounded."""
+    rounded = 0
+    for p in model.parameters():
+        if getattr(p, "route", None) == "scalar" and bool(torch.isfinite(p.half()).all()):
+            p.copy_(p.half().float())
+            rounded += 1
+    return rounded
 
 
 def serialize_model(model):
@@ -1928,7 +1954,7 @@ def load_model_from_artifact(path, device):
                 raise ConfigError(f"artifact {path} has tensor {name} that this model does not; config mismatch")
             arrays = [torch.from_numpy(a) for a in arrays]
             module = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
-            if scheme == "fp32":
+            if scheme in ("scalar", "fp32"):  # raw tensors ("fp32": artifacts written before fp16 scalars)
                 state[name].copy_(arrays[0].view(state[name].shape))
             else:
                 module.load_quantized(arrays[0], arrays[1] if len(arrays) > 1 else None)
@@ -1971,6 +1997,7 @@ def estimate_artifact_bytes(model):
         for p in probe.parameters():
             if p.dim() == 2 and not p.any():
                 p.normal_(std=p.size(1) ** -0.5)
+    round_scalars_to_fp16(probe)  # as export_fidelity does before the real export
     entries, blobs = export_parts(probe)
     by_class = {}
     for meta, blob in zip([m for e in entries for m in e["parts"]], blobs):
@@ -2035,19 +2062,31 @@ def search_clips(model, mode):
     return clipped
 
 
-def calibration_tokens(hp):
-    """The last CALIB_TOKENS + 1 tokens of the train shards (held out by position: the loader reaches them last).
-    Never val tokens."""
-    need, chunks = hp.calib_tokens + 1, []
-    for path in reversed(shard_paths(hp.data_path, "train")):
-        shard = load_shard(path, hp.vocab_size)
+def train_tail(data_path, vocab_size, count):
+    """The last `count` tokens of the train shards (spanning shards from the end) as int64. The training loader
+    never reads them when a feature that uses them is on (heldout_tokens); val is never read."""
+    need, chunks = count, []
+    for path in reversed(shard_paths(data_path, "train")):
+        shard = load_shard(path, vocab_size)
         chunks.insert(0, np.asarray(shard[max(0, len(shard) - need):]))
         need -= len(chunks[0])
         if need <= 0:
             break
     if need > 0:
-        raise ConfigError(f"CALIB_TOKENS={hp.calib_tokens} exceeds the train shards in DATA_PATH={hp.data_path}; lower it")
+        raise ConfigError(f"{count} held-out tokens (CALIB_TOKENS / TEMP_FIT_TOKENS) exceed the train shards in DATA_PATH={data_path}; lower them")
     return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+
+
+def heldout_tokens(hp):
+    """Train tokens at the end of the stream kept out of training for calibration, clip search, row pruning
+    (CALIB_TOKENS + 1) and temperature fitting (TEMP_FIT_TOKENS); 0 when none of them is on."""
+    calibrating = hp.export_search or hp.engram_prune_min_hits or hp.export_aligned_train
+    return max(hp.calib_tokens + 1 if calibrating else 0, hp.temp_fit_tokens if hp.temp_scaling else 0)
+
+
+def calibration_tokens(hp):
+    """The last CALIB_TOKENS + 1 train tokens: held out of training (heldout_tokens), never val tokens."""
+    return train_tail(hp.data_path, hp.vocab_size, hp.calib_tokens + 1)
 
 
 @torch.no_grad()
@@ -2126,9 +2165,10 @@ def prune_rows(model, tokens, min_hits):
 
 
 def export_fidelity(model, hp, run, log):
-    """The hook between the EMA weights and export: row pruning, clip search, calibration (each if enabled)."""
-    searching = hp.gptq_lite_enabled and hp.ternary_clip_mode != "none" or hp.ternary_scale_search or hp.ternary_threshold_search
-    if not (searching or hp.engram_prune_min_hits):
+    """The hook between the EMA weights and export: scalars rounded to their fp16 storage, then row pruning, clip
+    search and calibration (each if enabled), so the export cost (reloaded minus pre-export BPB) includes them all."""
+    log(kv("export_round", scalars_to_fp16=round_scalars_to_fp16(model)))
+    if not (hp.export_search or hp.engram_prune_min_hits):
         return
     tokens = calibration_tokens(hp).to(run.device)
     if hp.engram_prune_min_hits:
@@ -2155,22 +2195,50 @@ def eval_windows(num_tokens, seq_len, stride):
     return windows
 
 
+EVAL_ROWS = 4096  # scored positions per cache / mixture computation (bounds the (rows, V) temporaries)
+
+
+def mixed_nll(logits, targets, positions, tokens, ngram, engram):
+    """NLL (N,) of the targets under the model's logits (N, V), EvalEngram-corrected, then n-gram-mixed."""
+    logp = F.log_softmax(logits, -1)
+    if engram is not None:
+        logp = engram.adjust(logp, tokens, positions)
+    if ngram is None:
+        return -logp.gather(1, targets[:, None]).squeeze(1)
+    return ngram.mixed_nll(logp, tokens, positions, targets)
+
+
 @torch.no_grad()
-def score_windows(model, tokens, windows, batch_seqs, tables, device):
-    """Sum of NLL, bytes and scored targets over the windows (float64 tensors of shape (3,))."""
+def score_batch(model, tokens, windows, tables, device, temperature, ngram, engram):
+    """NLL, bytes and scored targets (float64, (3,)) of one forward pass over `windows` (tokens on device): logits
+    divided by `temperature`, then the caches (None = off) applied. Every stage scores through this function."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for length in sorted({w[1] for w in windows}):
+        same = [w for w in windows if w[1] == length]
+        starts = torch.tensor([s for s, _, _ in same], device=device)
+        offsets = torch.arange(length, device=device)
+        x = tokens[starts[:, None] + offsets[None, :]]
+        y = tokens[starts[:, None] + offsets[None, :] + 1]
+        keep = offsets[None, :] >= torch.tensor([f for _, _, f in same], device=device)[:, None]
+        with autocast(device):
+            logits = model.logits(model.hidden(x)[0])
+        logits, targets = logits[keep].float() / temperature, y[keep]
+        positions = (starts[:, None] + 1 + offsets[None, :])[keep]
+        for i in range(0, len(targets), EVAL_ROWS):
+            rows = slice(i, i + EVAL_ROWS)
+            totals[0] += mixed_nll(logits[rows], targets[rows], positions[rows], tokens, ngram, engram).double().sum()
+        totals[1] += token_bytes(x, y, tables)[keep].double().sum()
+        totals[2] += keep.sum()
+    return totals
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, batch_seqs, tables, device, temperature=1.0):
+    """Sum of NLL, bytes and scored targets over the windows (float64 tensors of shape (3,)), `batch_seqs` windows
+    per forward pass; the logits are divided by `temperature`."""
+    tokens, totals = tokens.to(device), torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(windows), batch_seqs):
-        batch = windows[i:i + batch_seqs]
-        for length in sorted({w[1] for w in batch}):
-            same = [w for w in batch if w[1] == length]
-            x = torch.stack([tokens[s:s + length] for s, _, _ in same]).to(device)
-            y = torch.stack([tokens[s + 1:s + length + 1] for s, _, _ in same]).to(device)
-            keep = torch.arange(length, device=device)[None, :] >= torch.tensor([f for _, _, f in same], device=device)[:, None]
-            with autocast(device):
-                nll = model.token_nll(x, y).double()
-            totals[0] += (nll * keep).sum()
-            totals[1] += (token_bytes(x, y, tables).double() * keep).sum()
-            totals[2] += keep.sum()
+        totals += score_batch(model, tokens, windows[i:i + batch_seqs], tables, device, temperature, None, None)
     return totals
 
 
@@ -2179,15 +2247,48 @@ def rank_slice(items, rank, world_size):
     return items[rank * per_rank:(rank + 1) * per_rank]
 
 
-def eval_stage(model, val_tokens, hp, tables, run, stride):
-    """Loss (nats/token) and BPB of one stage, all ranks together."""
+def eval_stage(model, val_tokens, hp, tables, run, stride, temperature=1.0, within_budget=None):
+    """Loss (nats/token) and BPB of a stage of independent windows (roundtrip, sliding), all ranks together: the
+    windows are spread over the ranks in contiguous ranges, so the result does not depend on the world size.
+    None if `within_budget(seconds, fraction)`, asked once per rank after its first batch, says stop."""
     was_training = model.training
     model.eval()
     windows = rank_slice(eval_windows(len(val_tokens), hp.eval_seq_len, stride), run.rank, run.world_size)
     batch = hp.sliding_batch_size if stride < hp.eval_seq_len else hp.eval_batch_seqs
-    totals = all_reduce_sum(score_windows(model, val_tokens, windows, batch, tables, run.device))
-    model.train(was_training)
+    tokens, totals = val_tokens.to(run.device), torch.zeros(3, dtype=torch.float64, device=run.device)
+    try:
+        t0 = time.perf_counter()
+        totals += score_windows(model, tokens, windows[:batch], batch, tables, run.device, temperature)
+        if within_budget is not None and not within_budget(*first_batch_timing(t0, windows[:batch], windows, run.device)):
+            return None
+        totals += score_windows(model, tokens, windows[batch:], batch, tables, run.device, temperature)
+    finally:
+        model.train(was_training)
+    totals = all_reduce_sum(totals)
     return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
+
+
+def first_batch_timing(t0, first, windows, device):
+    """(seconds since t0, fraction of this rank's scored targets that `first` holds) for a budget projection."""
+    synchronize(device)
+    scored = lambda ws: sum(length - score_from for _, length, score_from in ws)
+    return time.perf_counter() - t0, scored(first) / max(scored(windows), 1) if windows else 1.0
+
+
+def budget_check(hp, run, elapsed_s, stage, log):
+    """The EVAL_MAX_SECONDS rule as a callable (seconds, fraction_done) -> keep going?, or None when there is no
+    budget. Every rank must call it exactly once (it all-reduces the projection, the max over ranks)."""
+    if hp.eval_max_seconds <= 0:
+        return None
+
+    def within_budget(seconds, fraction):
+        projected = float(all_reduce_max(torch.tensor([seconds / max(fraction, 1e-12)], device=run.device))[0])
+        if elapsed_s + projected <= hp.eval_max_seconds:
+            return True
+        if log is not None:
+            log(kv("eval_skip", stage=stage, projected_s=projected, budget_s=hp.eval_max_seconds, elapsed_s=elapsed_s))
+        return False
+    return within_budget
 
 
 def eval_plan(hp):
@@ -2204,23 +2305,26 @@ def eval_plan(hp):
 
 
 def run_eval_stack(model, val_tokens, hp, tables, run, log):
-    """Roundtrip (plain windows, temperature 1), then the chunked stages. A chunked stage whose projected time
-    would pass EVAL_MAX_SECONDS is skipped with an `eval_skip` line; the roundtrip always runs."""
+    """Roundtrip (plain windows, temperature 1), then the later stages. A stage whose projected time (after its
+    first batch, window or chunk) would pass EVAL_MAX_SECONDS is skipped with an `eval_skip` line; the roundtrip
+    always runs."""
     results, stack_start, temperature = {}, time.perf_counter(), None
     plan = eval_plan(hp)
     for index, (name, stride) in enumerate(plan):
         if name != "roundtrip" and temperature is None:
             temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
         t0 = time.perf_counter()
-        if name in ("roundtrip", "capsule_carry"):
-            loss, bpb, count = (carry_stage if name == "capsule_carry" else eval_stage)(model, val_tokens, hp, tables, run, stride)
+        budget = budget_check(hp, run, t0 - stack_start, name, log) if name != "roundtrip" else None
+        if name in ("roundtrip", "sliding"):
+            outcome = eval_stage(model, val_tokens, hp, tables, run, stride, temperature or 1.0, budget)
+        elif name == "capsule_carry":
+            outcome = carry_stage(model, val_tokens, hp, tables, run, stride, temperature, budget)
         else:
             features = {n for n, _ in plan[:index + 1]}
-            outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature,
-                                         time.perf_counter() - stack_start, stage=name, log=log)
-            if outcome is None:
-                continue
-            loss, bpb, count = outcome
+            outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, budget)
+        if outcome is None:
+            continue
+        loss, bpb, count = outcome
         seconds = time.perf_counter() - t0
         results[name] = dict(val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count)
         log(kv("eval", stage=name, val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count, tok_s=int(count / max(seconds, 1e-9)),
@@ -2477,6 +2581,7 @@ class TestTimeTrainer:
                     torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.model.post_step()  # the same constraints as in training (capsule predictor's diagonal clamp)
         if self.hp.freeze_packed_engram == 2 and any(not torch.equal(p.detach(), v) for p, v in self.engram):
             raise RuntimeError("FREEZE_PACKED_ENGRAM=2: a packed engram table (ttt_group 'engram') changed during TTT")
 
@@ -2486,42 +2591,6 @@ class TestTimeTrainer:
             p.copy_(value)
             p.requires_grad_(requires_grad)
             p.grad = grad
-
-
-EVAL_ROWS = 4096  # scored positions per cache / mixture computation (bounds the (rows, V) temporaries)
-
-
-def mixed_nll(logits, targets, positions, tokens, ngram, engram):
-    """NLL (N,) of the targets under the model's logits (N, V), EvalEngram-corrected, then n-gram-mixed."""
-    logp = F.log_softmax(logits, -1)
-    if engram is not None:
-        logp = engram.adjust(logp, tokens, positions)
-    if ngram is None:
-        return -logp.gather(1, targets[:, None]).squeeze(1)
-    return ngram.mixed_nll(logp, tokens, positions, targets)
-
-
-@torch.no_grad()
-def score_windows_mixed(model, tokens, windows, tables, device, temperature, ngram, engram):
-    """Like score_windows, with the logits divided by `temperature` and the caches applied; tokens on device."""
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for length in sorted({w[1] for w in windows}):
-        same = [w for w in windows if w[1] == length]
-        starts = torch.tensor([s for s, _, _ in same], device=device)
-        offsets = torch.arange(length, device=device)
-        x = tokens[starts[:, None] + offsets[None, :]]
-        y = tokens[starts[:, None] + offsets[None, :] + 1]
-        keep = offsets[None, :] >= torch.tensor([f for _, _, f in same], device=device)[:, None]
-        with autocast(device):
-            logits = model.logits(model.hidden(x)[0])
-        logits, targets = logits[keep].float() / temperature, y[keep]
-        positions = (starts[:, None] + 1 + offsets[None, :])[keep]
-        for i in range(0, len(targets), EVAL_ROWS):
-            rows = slice(i, i + EVAL_ROWS)
-            totals[0] += mixed_nll(logits[rows], targets[rows], positions[rows], tokens, ngram, engram).double().sum()
-        totals[1] += token_bytes(x, y, tables)[keep].double().sum()
-        totals[2] += keep.sum()
-    return totals
 
 
 def score_segment(model, tokens, hp, tables, device, stride, features, temperature=1.0, on_first_chunk=None, on_chunk=None):
@@ -2545,7 +2614,7 @@ def score_segment(model, tokens, hp, tables, device, stride, features, temperatu
             if on_chunk is not None:
                 on_chunk(k, first, end, ngram, engram)
             for i in range(0, len(chunk), batch):
-                totals += score_windows_mixed(model, tokens, chunk[i:i + batch], tables, device, temperature, ngram, engram)
+                totals += score_batch(model, tokens, chunk[i:i + batch], tables, device, temperature, ngram, engram)
             positions = torch.arange(first, end, device=device)
             for cache in (ngram, engram):
                 if cache is not None:
@@ -2556,6 +2625,8 @@ def score_segment(model, tokens, hp, tables, device, stride, features, temperatu
                 synchronize(device)
                 if not on_first_chunk(time.perf_counter() - t0, (end - first) / max(len(tokens) - 1, 1)):
                     return None
+        if not chunks and on_first_chunk is not None and not on_first_chunk(0.0, 1.0):  # every rank asks once
+            return None
     finally:
         if trainer is not None:
             trainer.restore()
@@ -2563,31 +2634,17 @@ def score_segment(model, tokens, hp, tables, device, stride, features, temperatu
     return totals
 
 
-def eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, elapsed_s, stage="", log=None):
-    """Loss and BPB of a chunked stage; each rank scores its own contiguous segment. None if the projected time
-    (first chunk's time / its fraction of the segment, max over ranks) would take the stack past EVAL_MAX_SECONDS."""
+def eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, within_budget=None):
+    """Loss and BPB of a chunked stage; each rank scores its own contiguous segment (TTT and the caches run in
+    stream order, so the segments cannot interleave). None if `within_budget` (see budget_check), asked with the
+    first chunk's time and its fraction of the segment, says stop."""
     first, last = rank_segment(len(val_tokens), run.rank, run.world_size)
-
-    def within_budget(seconds, fraction):
-        projected = float(all_reduce_max(torch.tensor([seconds / max(fraction, 1e-12)], device=run.device))[0])
-        if elapsed_s + projected <= hp.eval_max_seconds:
-            return True
-        if log is not None:
-            log(kv("eval_skip", stage=stage, projected_s=projected, budget_s=hp.eval_max_seconds, elapsed_s=elapsed_s))
-        return False
-
     totals = score_segment(model, val_tokens[first:last + 1], hp, tables, run.device, stride, features, temperature,
-                           on_first_chunk=within_budget if hp.eval_max_seconds > 0 else None)
+                           on_first_chunk=within_budget)
     if totals is None:
         return None
     totals = all_reduce_sum(totals)
     return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
-
-
-def load_temp_fit_tokens(data_path, vocab_size, count):
-    """The last `count` tokens of the last train shard: the temperature is never fitted on val."""
-    tokens = np.asarray(load_shard(shard_paths(data_path, "train")[-1], vocab_size))[-count:]
-    return torch.from_numpy(tokens.astype(np.int64))
 
 
 @torch.no_grad()
@@ -2622,12 +2679,12 @@ def fit_temperature(model, tokens, hp, device):
 
 
 def fit_temperature_from_train(model, hp, run, log):
-    tokens = load_temp_fit_tokens(hp.data_path, hp.vocab_size, hp.temp_fit_tokens)
+    tokens = train_tail(hp.data_path, hp.vocab_size, hp.temp_fit_tokens)  # held out of training, never val
     was_training = model.training
     model.eval()
     temperature, nll_before, nll_after = fit_temperature(model, tokens, hp, run.device)
     model.train(was_training)
-    log(kv("temperature", fitted=temperature, fit_tokens=len(tokens), source="train_shard_tail", nll_t1=nll_before, nll_fit=nll_after))
+    log(kv("temperature", fitted=temperature, fit_tokens=len(tokens), source="train_tail", nll_t1=nll_before, nll_fit=nll_after))
     return temperature
 
 
@@ -2643,33 +2700,48 @@ def check_artifact_matches(model, hp, path):
 
 
 @torch.no_grad()
-def score_stream_with_carry(model, tokens, seq_len, tables, device, windows=None, carry_enabled=True, trace=None):
+def score_stream_with_carry(model, tokens, seq_len, tables, device, windows=None, carry_enabled=True, trace=None,
+                            temperature=1.0, on_first_window=None):
     """Score non-overlapping windows in order, carrying the capsule-bank state: window k starts from the state pooled
-    over windows 0..k-1, which are all scored before it. Returns (NLL, bytes, targets) sums like score_windows.
-    trace (a list) gets, per window, ((start, start + length), [(start, end) ranges that fed its carry])."""
+    over windows 0..k-1, which are all scored before it. Returns (NLL, bytes, targets) sums like score_windows, or
+    None when `on_first_window(seconds, fraction_done)` says stop. trace (a list) gets, per window,
+    ((start, start + length), [(start, end) ranges that fed its carry])."""
     windows = windows if windows is not None else eval_windows(len(tokens), seq_len, seq_len)
     totals, carry, fed = torch.zeros(3, dtype=torch.float64, device=device), None, []
-    for start, length, score_from in windows:
+    t0 = time.perf_counter()
+    for k, (start, length, score_from) in enumerate(windows):
         x, y = tokens[start:start + length][None].to(device), tokens[start + 1:start + length + 1][None].to(device)
         with autocast(device):
             hidden, new_carry = model.hidden_with_carry(x, carry if carry_enabled else None)
-            nll = F.cross_entropy(model.logits(hidden).flatten(0, 1), y.flatten(), reduction="none").double()
+            logits = model.logits(hidden).flatten(0, 1) / temperature
+            nll = F.cross_entropy(logits, y.flatten(), reduction="none").double()
         keep = torch.arange(length, device=device) >= score_from
         totals += torch.stack([(nll * keep).sum(), (token_bytes(x, y, tables)[0].double() * keep).sum(), keep.sum().double()])
         if trace is not None:
             trace.append(((start, start + length), list(fed)))
         if carry_enabled:
             carry, fed = new_carry, fed + [(start, start + length)]
+        if k == 0 and on_first_window is not None and not on_first_window(*first_batch_timing(t0, windows[:1], windows, device)):
+            return None
+    if not windows and on_first_window is not None and not on_first_window(0.0, 1.0):  # every rank asks once
+        return None
     return totals
 
 
-def carry_stage(model, val_tokens, hp, tables, run, stride):
-    """The capsule_carry stage: each rank carries through its own contiguous range of non-overlapping windows."""
+def carry_stage(model, val_tokens, hp, tables, run, stride, temperature=1.0, within_budget=None):
+    """The capsule_carry stage: each rank carries through its own contiguous range of non-overlapping windows.
+    None if `within_budget` (see budget_check), asked after the first window, says stop."""
     was_training = model.training
     model.eval()
     windows = rank_slice(eval_windows(len(val_tokens), hp.eval_seq_len, stride), run.rank, run.world_size)
-    totals = all_reduce_sum(score_stream_with_carry(model, val_tokens, hp.eval_seq_len, tables, run.device, windows))
-    model.train(was_training)
+    try:
+        totals = score_stream_with_carry(model, val_tokens, hp.eval_seq_len, tables, run.device, windows,
+                                         temperature=temperature, on_first_window=within_budget)
+    finally:
+        model.train(was_training)
+    if totals is None:
+        return None
+    totals = all_reduce_sum(totals)
     return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2967,7 +3039,9 @@ def main():
     log(kv("model_params", total=sum(counts.values()), **{f"{r}_params": n for r, n in counts.items()}))
     code_bytes = measure_code_bytes(hp)
     check_budget("estimate_before_training", estimate_artifact_bytes(base_model), code_bytes, log)
-    loader = DistributedTokenLoader(shard_paths(hp.data_path, "train"), hp.vocab_size, run.rank, run.world_size, run.device)
+    loader = DistributedTokenLoader(shard_paths(hp.data_path, "train"), hp.vocab_size, run.rank, run.world_size, run.device,
+                                    holdout=heldout_tokens(hp))
+    log(kv("train_data", heldout_tail_tokens=heldout_tokens(hp), train_tokens=sum(len(s) for s in loader.stream.shards)))
     model = prepare_model(base_model, hp, run)
     optimizers = build_optimizers(base_model, hp, fused=run.device.type == "cuda")
     ema = EMA(hp.ema_decay, hp.ema_start_fraction) if hp.ema_enabled else None

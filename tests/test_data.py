@@ -67,6 +67,28 @@ def test_loader_global_batch_is_independent_of_world_size(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
+def test_training_stream_never_reads_the_heldout_tail(tmp_path):
+    """The last `holdout` tokens (across shards) are cut from the training stream, which wraps before them; the
+    calibration / temperature slice is exactly that tail."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(100, 150))
+    paths = sorted(tmp_path.glob("fineweb_train_*.bin"))
+    stream = train_gpt.TokenStream(paths, 1024, holdout=70)
+    assert np.array_equal(stream.take(160), np.concatenate([np.arange(80), np.arange(80)]))
+    assert np.array_equal(train_gpt.train_tail(tmp_path, 1024, 70).numpy(), np.arange(80, 150))
+    with pytest.raises(train_gpt.ConfigError, match="CALIB_TOKENS, TEMP_FIT_TOKENS"):
+        train_gpt.TokenStream(paths, 1024, holdout=149)
+
+
+def test_heldout_tail_is_what_the_enabled_features_read():
+    """Nothing is held out by default; calibration holds out CALIB_TOKENS + 1, temperature fitting TEMP_FIT_TOKENS."""
+    from conftest import tiny_hparams
+    assert train_gpt.heldout_tokens(tiny_hparams()) == 0
+    assert train_gpt.heldout_tokens(tiny_hparams(TERNARY_SCALE_SEARCH=1, CALIB_TOKENS=4096)) == 4097
+    assert train_gpt.heldout_tokens(tiny_hparams(ENGRAM_PRUNE_MIN_HITS=1, CALIB_TOKENS=4096)) == 4097
+    assert train_gpt.heldout_tokens(tiny_hparams(TEMP_SCALING=1, TEMP_FIT_TOKENS=9000, GPTQ_LITE_ENABLED=1, CALIB_TOKENS=4096)) == 9000
+
+
 def test_tokenizer_vocab_mismatch_is_an_error():
     """A tokenizer whose size differs from VOCAB_SIZE is refused (not a warning)."""
     from conftest import SP1024, require_shared

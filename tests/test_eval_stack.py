@@ -227,7 +227,7 @@ def test_temperature_fit_reads_only_train_tokens(tiny_data, monkeypatch):
     temperature = train_gpt.fit_temperature_from_train(tiny_model(), hp, train_gpt.Dist(), lines.append)
     assert set(splits) == {"train"}
     train_tail = train_gpt.load_shard(real_shard_paths(tiny_data, "train")[-1], 1024)[-2048:]
-    assert torch.equal(train_gpt.load_temp_fit_tokens(tiny_data, 1024, 2048), torch.from_numpy(train_tail.astype(np.int64)))
+    assert torch.equal(train_gpt.train_tail(tiny_data, 1024, 2048), torch.from_numpy(train_tail.astype(np.int64)))
     assert float(log_values("\n".join(lines), "temperature", "fitted")[0]) == pytest.approx(temperature, abs=1e-4)
     hp = tiny_hparams(DATA_PATH=tiny_data, TEMP_FIT_TOKENS=2048, TEMP_SCALING=1, SLIDING_EVAL=1, SLIDING_EVAL_STRIDE=32,
                       EVAL_BATCH_SEQS=32)

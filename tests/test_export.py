@@ -1,5 +1,6 @@
 """QUANTIZE + EXPORT: packing, exact fresh-process reload, determinism, corrupt-artifact errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -37,10 +38,45 @@ def _trained_tiny_model(**overrides):
     return model
 
 
+ARTIFACT_HASH_SCRIPT = """
+import hashlib, sys, torch
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import train_gpt
+from conftest import tiny_model
+model = tiny_model(FP_STORAGE="fp8", BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+print(hashlib.sha256(train_gpt.compress_payload(train_gpt.serialize_model(model))).hexdigest())
+"""
+
+
 def test_artifact_is_deterministic():
-    """The same weights and config give a byte-identical artifact."""
+    """The same weights and config give a byte-identical artifact, in one process and across processes with
+    different hash seeds (no dict or set order leaks into the bytes)."""
     model = _trained_tiny_model()
     assert train_gpt.compress_payload(train_gpt.serialize_model(model)) == train_gpt.compress_payload(train_gpt.serialize_model(model))
+    script = ARTIFACT_HASH_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
+    digests = {subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONHASHSEED=seed), check=True,
+                              capture_output=True, text=True).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
+
+
+def test_scalars_are_stored_fp16_once_rounded_and_losslessly_before():
+    """Scalars that are not fp16-exact are stored fp32 (reload is still exact); round_scalars_to_fp16 rounds every
+    route-'scalar' parameter, after which they all go to the artifact as fp16: half the bytes, reload exact."""
+    model = _trained_tiny_model()
+    scalar_numel = sum(p.numel() for p in model.parameters() if p.route == "scalar")
+    before = train_gpt.export_report(model)
+    assert before["fp32"] >= 4 * scalar_numel
+    assert train_gpt.round_scalars_to_fp16(model) == sum(p.route == "scalar" for p in model.parameters())
+    after = train_gpt.export_report(model)
+    assert "fp32" not in after and after["fp16_scalars"] == (before["fp32"] + before.get("fp16_scalars", 0) * 2) // 2
+    header, tensors = train_gpt.parse_payload(train_gpt.serialize_model(model), "memory")
+    reloaded = dict(model.state_dict())
+    for name, (scheme, arrays) in tensors.items():
+        if scheme == "scalar":
+            assert arrays[0].dtype == np.float16 and torch.equal(torch.from_numpy(arrays[0]).float(), reloaded[name])
 
 
 RELOAD_SCRIPT = """

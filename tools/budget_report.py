@@ -24,6 +24,7 @@ def main():
     args = parser.parse_args()
     hp = train_gpt.Hyperparameters(read_env_file(args.config))
     model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+    train_gpt.round_scalars_to_fp16(model)  # as the trainer does before export
     payload = train_gpt.serialize_model(model)
     code = train_gpt.measure_code_bytes(hp)
     counts = {r: sum(p.numel() for p in model.parameters() if p.route == r) for r in train_gpt.PARAM_ROUTES}
