@@ -188,7 +188,7 @@ SPEC = (
     ("NGRAM_ALPHA_BASE", 0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))"),
     ("NGRAM_ALPHA_SCALE", 0.55, "n-gram mix weight: entropy-dependent part"),
     ("NGRAM_ENTROPY_CENTER", 4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint"),
-    ("NGRAM_ALPHA_MAX", 0.6, "n-gram mix weight: upper bound, in [0, 1]"),
+    ("NGRAM_ALPHA_MAX", 0.6, "n-gram mix weight: upper bound, in [0, 1)"),
     ("EVAL_ENGRAM_ENABLED", 0, "1 = add the stage with hashed n-gram -> next-token count tables as a logit correction"),
     ("EVAL_ENGRAM_BUCKETS", 4096, "EvalEngram: context buckets per order and head (each a row of VOCAB_SIZE fp32 counts)"),
     ("EVAL_ENGRAM_HEADS", 2, "EvalEngram: hash functions per order (count-min: the smallest count is used)"),
@@ -258,7 +258,8 @@ class Hyperparameters:
         _require(self.ttt_chunk_tokens >= 1 and self.ttt_epochs >= 0 and self.ttt_batch_seqs >= 1, "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be >= 1, TTT_EPOCHS >= 0")
         _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
         _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
-        _require(0.0 <= self.ngram_alpha_max <= 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1]")
+        _require(0.0 <= self.ngram_alpha_max < 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1): at 1 a target "
+                 "the cache never saw would get probability 0 (infinite loss)")
         self.eval_engram_order_list = tuple(int(s) for s in self.eval_engram_orders.split(",") if s.strip().isdigit())
         _require(len(self.eval_engram_order_list) == len(self.eval_engram_orders.split(",")) and min(self.eval_engram_order_list, default=0) >= 2,
                  f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
@@ -1377,7 +1378,7 @@ class FeedbackAdapters(nn.Module):
         d, s, g = cfg.model_dim, min(FEEDBACK_SKETCH_DIM, cfg.model_dim), cfg.bitnet_group_size
         self.passes = cfg.feedback_passes
         self.down = TernaryLinear(d, s, g)
-        self.refine = TernaryLinear(s, d, g)
+        self.refine = TernaryLinear(s, d, g) if self.passes > 1 else None  # built only when used: DDP needs every grad
         self.adapters = nn.ModuleList(TernaryLinear(s, d, g) for _ in range(num_decoder))
         self.scales = tag(nn.Parameter(torch.full((num_decoder, d), 0.1)), "scalar")
 
@@ -2282,19 +2283,22 @@ def budget_check(hp, run, elapsed_s, stage, log):
         return None
 
     def within_budget(seconds, fraction):
-        projected = float(all_reduce_max(torch.tensor([seconds / max(fraction, 1e-12)], device=run.device))[0])
-        if elapsed_s + projected <= hp.eval_max_seconds:
+        # one decision for all ranks: the max over ranks of (own elapsed + own projection), so no rank skips alone
+        mine = torch.tensor([elapsed_s + seconds / max(fraction, 1e-12), elapsed_s], dtype=torch.float64, device=run.device)
+        finish_s, elapsed = all_reduce_max(mine).tolist()
+        if finish_s <= hp.eval_max_seconds:
             return True
         if log is not None:
-            log(kv("eval_skip", stage=stage, projected_s=projected, budget_s=hp.eval_max_seconds, elapsed_s=elapsed_s))
+            log(kv("eval_skip", stage=stage, projected_s=finish_s - elapsed, budget_s=hp.eval_max_seconds, elapsed_s=elapsed))
         return False
     return within_budget
 
 
 def eval_plan(hp):
-    """Stages in their fixed order: roundtrip, sliding, capsule_carry, ttt, ngram, evalengram (each if enabled). Every later
-    stage keeps the earlier ones' features: all use sliding windows if SLIDING_EVAL=1, ngram runs on top of TTT
-    if TTT is on, evalengram on top of both. The reported val_bpb is the last stage, declared before the run."""
+    """Stages in their fixed order: roundtrip, sliding, capsule_carry, ttt, ngram, evalengram (each if enabled). The
+    chunked stages keep the earlier ones' features: they use sliding windows if SLIDING_EVAL=1, ngram runs on top of
+    TTT if TTT is on, evalengram on top of both; capsule_carry (plain windows, state carried across them) is a stage of
+    its own that later stages do not inherit. The reported val_bpb is the last stage, declared before the run."""
     stride = hp.sliding_eval_stride if hp.sliding_eval else hp.eval_seq_len
     stages = [("roundtrip", hp.eval_seq_len)]
     for name, enabled in (("sliding", hp.sliding_eval), ("capsule_carry", hp.capsule_carry_eval), ("ttt", hp.ttt_enabled),
@@ -2861,8 +2865,9 @@ def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on
         step += 1
         # stop on a non-finite loss before anything is exported
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"train loss is {loss_value} at step {step}; last finite loss {last_finite[1]:.4f} at step "
-                                f"{last_finite[0]}. No artifact was written. Lower MATRIX_LR / EMBED_LR or set GRAD_CLIP_NORM.")
+            before = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite[0] else "no step had a finite loss"
+            raise NonFiniteLoss(f"train loss is {loss_value} at step {step}; {before}. No artifact was written. "
+                                "Lower MATRIX_LR / EMBED_LR or set GRAD_CLIP_NORM.")
         last_finite = (step, loss_value)
         ema.update(base_model, training_fraction(step, train_seconds, hp)) if ema else None
         # log (always the first and the last step)
@@ -2958,12 +2963,12 @@ def log_header(log, hp, run):
     log("config " + json.dumps(hp.as_dict(), sort_keys=True, default=str))
 
 
-def check_budget(label, model_bytes, code_bytes, log):
+def check_budget(label, model_bytes, code_bytes, log, note=""):
     total = model_bytes + code_bytes
     log(kv("budget", check=label, bytes_model=model_bytes, bytes_code=code_bytes, bytes_total=total, limit=BUDGET_BYTES))
     if total > BUDGET_BYTES:
         raise ConfigError(f"{label}: {total:,} bytes (model {model_bytes:,} + code {code_bytes:,}) exceeds the "
-                          f"{BUDGET_BYTES:,}-byte limit; shrink NUM_LAYERS / MODEL_DIM / MLP_MULT / VOCAB_SIZE or use FP_STORAGE=fp8")
+                          f"{BUDGET_BYTES:,}-byte limit; shrink NUM_LAYERS / MODEL_DIM / MLP_MULT / VOCAB_SIZE or use FP_STORAGE=fp8{note}")
 
 
 def prepare_model(model, hp, run):
@@ -2993,18 +2998,23 @@ def finish(results, hp, log, run, extra):
 
 def export_artifact(model, hp, run, log, code_bytes):
     """Rank 0 serializes, compresses and atomically writes the artifact; every rank then checks the real size
-    against the budget. Returns (path, model bytes)."""
+    against the budget. An artifact over the budget never gets the final name: it is kept as
+    final_model.skc.over_budget for inspection and the run stops. Returns (path, model bytes)."""
     artifact_path = Path(hp.out_dir) / hp.run_id / "final_model.skc"
+    over_budget_path = artifact_path.with_name(artifact_path.name + ".over_budget")
+    size = torch.zeros((), dtype=torch.float64, device=run.device)
     if run.is_main:
         payload = serialize_model(model)
         blob = compress_payload(payload)
-        write_artifact(artifact_path, blob)
+        write_artifact(artifact_path if len(blob) + code_bytes <= BUDGET_BYTES else over_budget_path, blob)
         log(kv("export_report", **export_report(model), payload_bytes=len(payload), compressed_bytes=len(blob),
                codec=CODECS[blob[0]], compression_ratio=len(blob) / len(payload), code_bytes=code_bytes))
-    barrier()
-    model_bytes = artifact_path.stat().st_size
-    log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes, path=artifact_path))
-    check_budget("after_export", model_bytes, code_bytes, log)
+        size.fill_(len(blob))
+    model_bytes = int(all_reduce_sum(size))
+    fits = model_bytes + code_bytes <= BUDGET_BYTES
+    log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes,
+           path=artifact_path if fits else over_budget_path))
+    check_budget("after_export", model_bytes, code_bytes, log, note=f"; the artifact was kept as {over_budget_path}, not a submission")
     return artifact_path, model_bytes
 
 

@@ -31,3 +31,18 @@ def test_byte_count_of_a_real_text_equals_its_utf8_length():
     ids = torch.tensor([1] + sp.encode(text))
     tables = train_gpt.build_byte_tables(sp, 8192)
     assert int(train_gpt.token_bytes(ids[:-1], ids[1:], tables).sum()) == len(sp.decode(sp.encode(text)).encode())
+
+
+def test_unknown_and_pad_ids_count_zero_bytes_and_swallow_the_next_space():
+    """'<unk>' (id 3) and the control '<pad>' (id 0) count 0 bytes and are boundaries: '▁th' after either counts
+    2 bytes (no space byte), mid-text it counts 3; hand count: BOS, ▁th 2, unk 0, ▁th 2, ▁th 3, pad 0, ▁th 2, ouse 4.
+    (Neither tokenizer has unused ids; ids past the tokenizer's vocab are boundaries with 0 bytes.)"""
+    require_shared()
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(SP8192))
+    assert sp.is_unknown(3) and sp.id_to_piece(3) == "<unk>" and sp.is_control(0) and sp.id_to_piece(0) == "<pad>"
+    assert sp.id_to_piece(300) == "\u2581th" and sp.id_to_piece(1000) == "ouse"
+    tables = train_gpt.build_byte_tables(sp, 8200)
+    ids = torch.tensor([1, 300, 3, 300, 300, 0, 300, 1000, 8195, 300])
+    assert train_gpt.token_bytes(ids[:-1], ids[1:], tables).tolist() == [2, 0, 2, 3, 0, 2, 4, 0, 2]
+    assert tables[0][[0, 1, 2, 3, 8195]].tolist() == [0] * 5 and tables[2][[0, 1, 2, 3, 8195]].all()

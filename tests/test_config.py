@@ -29,6 +29,7 @@ def test_preset_changes_defaults_but_explicit_env_wins():
     ({"RUN_PRESET": "huge"}, "RUN_PRESET"),
     ({"EVAL_ONLY": "1"}, "ARTIFACT"),
     ({"SKC_LAYERS": "1,99"}, "SKC_LAYERS"),
+    ({"NGRAM_ALPHA_MAX": "1"}, "NGRAM_ALPHA_MAX"),
 ])
 def test_impossible_config_names_the_variable(env, needle):
     """An impossible config raises ConfigError whose message names the variable to fix."""

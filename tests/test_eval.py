@@ -1,9 +1,9 @@
-"""EVAL: every val target scored exactly once; sliding == plain at stride = context; ranks split the work."""
+"""EVAL: every val target scored exactly once; plain stage == a direct token_nll reference; ranks split the work."""
 import pytest
 import torch
 
 import train_gpt
-from conftest import tiny_hparams, tiny_model
+from conftest import perturbed_model, tiny_hparams
 
 
 @pytest.mark.parametrize("num_tokens, seq_len, stride", [(1000, 64, 64), (1000, 64, 16), (1001, 64, 7), (65, 64, 1), (10, 64, 64), (130, 64, 63)])
@@ -23,30 +23,43 @@ def test_later_sliding_windows_score_only_their_last_stride_tokens():
     assert all(length - score_from == 16 for _, length, score_from in windows[1:-1])
 
 
-def _stage(model, tokens, stride, hp, world=1):
-    tables = (torch.ones(1024, dtype=torch.long), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
-    totals = torch.zeros(3, dtype=torch.float64)
-    for rank in range(world):
-        windows = train_gpt.rank_slice(train_gpt.eval_windows(len(tokens), hp.eval_seq_len, stride), rank, world)
-        totals += train_gpt.score_windows(model, tokens, windows, 8, tables, torch.device("cpu"))
-    return totals
+def random_tables(seed=0):
+    """Byte tables with every field random, so pairing a target with the wrong previous token changes the count."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 5, (1024,), generator=generator), torch.rand(1024, generator=generator) < 0.5,
+            torch.rand(1024, generator=generator) < 0.3)
 
 
-def test_sliding_equals_plain_when_stride_is_the_context():
-    """Stride = context is the plain eval, to the bit."""
-    hp = tiny_hparams()
-    model = tiny_model().eval()
-    tokens = torch.randint(0, 1024, (700,))
-    plain = _stage(model, tokens, hp.eval_seq_len, hp)
-    assert torch.equal(plain, _stage(model, tokens, hp.eval_seq_len, hp))
-    assert plain[2] == 699
+def stream(n=700, seed=0):
+    return torch.randint(0, 1024, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_sliding_with_short_stride_scores_all_tokens_with_more_context():
-    """A short stride scores the same number of targets; the sum over ranks equals the single-rank sum."""
-    hp = tiny_hparams()
-    model = tiny_model().eval()
-    tokens = torch.randint(0, 1024, (700,))
-    one = _stage(model, tokens, 16, hp)
-    three = _stage(model, tokens, 16, hp, world=3)
-    assert one[2] == 699 and torch.allclose(one, three)
+def test_plain_stage_equals_a_direct_token_nll_reference():
+    """Stride = context: loss and BPB are token_nll and token_bytes summed over non-overlapping windows, to the bit."""
+    hp, model, tokens, tables = tiny_hparams(), perturbed_model().eval(), stream(), random_tables()
+    nll, nbytes, count = torch.zeros((), dtype=torch.float64), 0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, hp.eval_seq_len):
+            length = min(hp.eval_seq_len, len(tokens) - 1 - start)
+            x, y = tokens[start:start + length], tokens[start + 1:start + 1 + length]
+            nll += model.token_nll(x[None], y[None]).double().sum()
+            nbytes += int(train_gpt.token_bytes(x, y, tables).sum())
+            count += len(y)
+    loss, bpb, scored = train_gpt.eval_stage(model, tokens, hp, tables, train_gpt.Dist(), hp.eval_seq_len)
+    assert scored == count == 699
+    assert loss == float(nll / count) and bpb == train_gpt.bits_per_byte(nll, nbytes)
+
+
+def test_sliding_stage_is_the_sum_of_its_ranks_parts(monkeypatch):
+    """Stride 16 scores all 699 targets once; 3 fake ranks' (NLL, bytes, targets) sum to the one-rank totals."""
+    reduced = []
+    monkeypatch.setattr(train_gpt, "all_reduce_sum", lambda totals: reduced.append(totals.clone()) or totals)
+    hp, model, tokens, tables = tiny_hparams(), perturbed_model().eval(), stream(), random_tables()
+    one = train_gpt.eval_stage(model, tokens, hp, tables, train_gpt.Dist(), 16)
+    parts = [train_gpt.eval_stage(model, tokens, hp, tables, train_gpt.Dist(rank=r, world_size=3), 16) for r in range(3)]
+    single, ranks = reduced[0], reduced[1:]
+    assert one == (float(single[0] / single[2]), train_gpt.bits_per_byte(single[0], single[1]), 699)
+    assert all(0 < part[2] < 699 for part in parts), "a rank scored nothing or everything"
+    assert torch.allclose(sum(ranks), single, rtol=1e-12, atol=0)
+    plain = train_gpt.eval_stage(model, tokens, hp, tables, train_gpt.Dist(), hp.eval_seq_len)
+    assert plain[2] == 699 and one[0] != plain[0]

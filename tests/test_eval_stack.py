@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt
-from conftest import SP1024, log_values, run_trainer, tiny_hparams, tiny_model
+from conftest import SP1024, log_values, perturbed_model, require_shared, run_trainer, tiny_hparams, tiny_model
 
 CPU = torch.device("cpu")
 FLAT_TABLES = (torch.ones(1024, dtype=torch.long), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
@@ -42,10 +43,42 @@ def test_chunked_stage_without_features_equals_sliding_eval(tmp_path):
         assert torch.allclose(reference, chunked, rtol=1e-9) and chunked[2] == 699
 
 
-def test_ttt_only_learns_from_already_scored_tokens(tmp_path):
+DOCUMENTS = ["The cat sat on the mat.", "Rain fell all night over the quiet town.", "A small boat drifted out to sea.",
+             "She opened the old book and read aloud.", "Prices rose again in March.", "He said nothing at all.",
+             "Bright stars shone above the hills.", "We walked home along the river.", "Music filled the empty hall.",
+             "The train left at noon.", "Children laughed in the park.", "Snow covered every roof in the village."]
+
+
+def sp1024_stream_and_tables():
+    """sp1024 tokens of documents that start with a space, each after a BOS (a boundary, so that "▁" counts no byte)."""
+    require_shared()
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    ids = [i for _ in range(3) for doc in DOCUMENTS for i in [sp.bos_id()] + sp.encode("a " + doc)[1:]]  # "▁The ..."
+    return torch.tensor(ids), train_gpt.build_byte_tables(sp, 1024)
+
+
+def test_every_stage_counts_the_bytes_of_each_target_after_its_previous_token(tmp_path, monkeypatch):
+    """With sp1024 byte tables the sliding, carry and chunked (TTT + caches) stages count token_bytes(prev, target)."""
+    tokens, tables = sp1024_stream_and_tables()
+    expected = train_gpt.token_bytes(tokens[:-1], tokens[1:], tables).sum()
+    assert expected != train_gpt.token_bytes(tokens[1:], tokens[1:], tables).sum(), "no spaced token follows a BOS"
+    reduced = []
+    monkeypatch.setattr(train_gpt, "all_reduce_sum", lambda totals: reduced.append(totals.clone()) or totals)
+    model, _ = artifact_model(tmp_path)
+    hp, run = tiny_hparams(**SMALL), train_gpt.Dist()
+    train_gpt.eval_stage(model, tokens, hp, tables, run, 16)
+    train_gpt.carry_stage(model, tokens, hp, tables, run, 64)
+    train_gpt.eval_chunked_stage(model, tokens, hp, tables, run, 32, {"ttt", "ngram", "evalengram"}, 1.0)
+    assert [int(totals[1]) for totals in reduced] == [int(expected)] * 3
+    assert [int(totals[2]) for totals in reduced] == [len(tokens) - 1] * 3
+
+
+@pytest.mark.parametrize("chunk_tokens", [128, 90])  # 90: a chunk ends inside a TTT sequence of EVAL_SEQ_LEN
+def test_ttt_only_learns_from_already_scored_tokens(tmp_path, chunk_tokens):
     """Every TTT step's targets were scored before it; the weights scoring a chunk saw only earlier chunks."""
     model, _ = artifact_model(tmp_path)
-    hp = tiny_hparams(**SMALL)
+    hp = tiny_hparams(**dict(SMALL, TTT_CHUNK_TOKENS=chunk_tokens))
     tokens = unique_tokens(600)
     position = {int(t): i for i, t in enumerate(tokens)}
     events, original_hidden = [], model.hidden
@@ -80,6 +113,53 @@ def test_ttt_restores_weights_and_flags_bit_identically(tmp_path):
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]), name
         assert p.requires_grad == flags[name] and p.grad is None, name
+
+
+def test_ttt_momentum_persists_across_chunks(tmp_path, monkeypatch):
+    """With one TTT step per chunk, clearing the SGD momentum at each chunk equals TTT_MOMENTUM=0; keeping it differs."""
+    model, _ = artifact_model(tmp_path)
+    tokens = torch.randint(0, 1024, (500,))
+    score = lambda momentum: train_gpt.score_segment(model, tokens, tiny_hparams(**SMALL, TTT_MOMENTUM=momentum),
+                                                     FLAT_TABLES, CPU, 64, {"ttt"})[0]  # chunks of 2 sequences, 1 step
+    kept = score(0.9)
+    original_adapt = train_gpt.TestTimeTrainer.adapt
+
+    def adapt_from_zero_momentum(trainer, *args):
+        trainer.optimizer.state.clear()
+        return original_adapt(trainer, *args)
+
+    monkeypatch.setattr(train_gpt.TestTimeTrainer, "adapt", adapt_from_zero_momentum)
+    cleared = score(0.9)
+    assert torch.equal(cleared, score(0.0)), "more than one TTT step per chunk: the test's premise fails"
+    assert not torch.allclose(kept, cleared, rtol=1e-9, atol=0), "momentum did not carry into the next chunk"
+
+
+def test_ttt_grad_clip_bounds_every_step(tmp_path):
+    """TTT_GRAD_CLIP=1e-12 leaves the NLL that of no TTT (within 1e-9); with the clip off the same TTT_LR changes it."""
+    model, _ = artifact_model(tmp_path)
+    tokens = torch.randint(0, 1024, (500,))
+    score = lambda features, **o: train_gpt.score_segment(model, tokens, tiny_hparams(**dict(SMALL, TTT_LR=0.5, **o)),
+                                                          FLAT_TABLES, CPU, 64, features)[0]
+    plain = score(set())
+    assert abs(float(score({"ttt"}, TTT_GRAD_CLIP=1e-12) - plain)) <= 1e-9
+    assert abs(float(score({"ttt"}, TTT_GRAD_CLIP=0) - plain)) > 1e-3
+
+
+def test_ttt_applies_the_models_post_step_clamp():
+    """A huge TTT_LR on the capsule bank pushes its diagonal past 0.999; TTT's post_step clamps it to KOOPMAN_DIAG_MAX."""
+    hp = tiny_hparams(**dict(SMALL, CAPSULE_ENABLED=1, TTT_SCOPE="capsule_bank", TTT_LR=1e4, TTT_GRAD_CLIP=0))
+    model, tokens = tiny_model(CAPSULE_ENABLED=1), torch.randint(0, 1024, (200,))
+
+    def diag_after_adapt():
+        trainer = train_gpt.TestTimeTrainer(model, hp, CPU)
+        trainer.adapt(tokens, 1, 129)
+        diag = model.capsules.diag.detach().abs().max()
+        trainer.restore()
+        return diag
+
+    assert diag_after_adapt() <= torch.tensor(train_gpt.KOOPMAN_DIAG_MAX)  # the float32 clamp bound
+    model.post_step = lambda: None
+    assert diag_after_adapt() > 0.999, "the step never reached the clamp (the test is vacuous)"
 
 
 def test_ttt_scopes_select_by_route_and_ttt_group():
@@ -121,26 +201,29 @@ def test_strict_engram_freeze_raises_when_a_table_drifts(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["ngram", "evalengram"])
-def test_cache_tables_hold_only_earlier_chunks(tmp_path, kind):
-    """When chunk k is scored, the cache equals one rebuilt from the targets of chunks < k (nothing later)."""
+def test_cache_lookups_see_only_earlier_chunks(tmp_path, monkeypatch, kind):
+    """At every lookup while chunk k is scored, the cache equals one rebuilt from the targets of chunks < k."""
     model, _ = artifact_model(tmp_path)
     hp = tiny_hparams(**SMALL)
     tokens = torch.randint(0, 1024, (700,))
-    seen = []
+    cls, lookup = (train_gpt.NgramCache, "predict") if kind == "ngram" else (train_gpt.EvalEngram, "correction")
+    counts = lambda cache: (cache.context_counts, cache.pair_counts) if kind == "ngram" else (cache.counts,)
+    chunk, seen, original = {}, [], getattr(cls, lookup)
 
-    def check(k, first, end, ngram, engram):
-        cache = ngram if kind == "ngram" else engram
-        fresh = (train_gpt.NgramCache if kind == "ngram" else train_gpt.EvalEngram)(hp, CPU)
+    def checked_lookup(cache, lookup_tokens, positions):
+        k, first, end = chunk["k"], chunk["first"], chunk["end"]
+        assert first <= int(positions.min()) and int(positions.max()) < end, f"chunk {k} looked up outside itself"
+        fresh = cls(hp, CPU)
         fresh.update(tokens, torch.arange(1, first))
-        tensors = (cache.context_counts, cache.pair_counts) if kind == "ngram" else (cache.counts,)
-        rebuilt = (fresh.context_counts, fresh.pair_counts) if kind == "ngram" else (fresh.counts,)
-        assert all(torch.equal(a, b) for a, b in zip(tensors, rebuilt)), f"chunk {k}"
-        if kind == "ngram":
-            assert int(cache.context_counts[0].sum()) == first - 1  # order 1 counts every earlier target once
-        seen.append((first, float(tensors[0].sum())))
+        assert all(torch.equal(a, b) for a, b in zip(counts(cache), counts(fresh))), f"chunk {k} saw other targets"
+        seen.append((k, float(counts(cache)[0].sum())))
+        return original(cache, lookup_tokens, positions)
 
-    train_gpt.score_segment(model, tokens, hp, FLAT_TABLES, CPU, 32, {kind}, on_chunk=check)
-    assert len(seen) >= 4 and seen[0] == (1, 0.0) and seen[-1][1] > 0
+    monkeypatch.setattr(cls, lookup, checked_lookup)
+    train_gpt.score_segment(model, tokens, hp, FLAT_TABLES, CPU, 32, {kind},
+                            on_chunk=lambda k, first, end, ngram, engram: chunk.update(k=k, first=first, end=end))
+    assert {k for k, _ in seen} == set(range(chunk["k"] + 1)) and chunk["k"] >= 4
+    assert seen[0] == (0, 0.0) and seen[-1][1] > 0
 
 
 def test_ngram_mixture_is_a_normalized_distribution():
@@ -155,6 +238,27 @@ def test_ngram_mixture_is_a_normalized_distribution():
     nll = cache.mixed_nll(logp.repeat_interleave(1024, 0), tokens, positions.repeat_interleave(1024), every)
     assert torch.allclose(torch.exp(-nll).view(10, 1024).sum(-1), torch.ones(10), atol=1e-4)
     assert bool(cache.predict(tokens, positions)[1].all())
+
+
+def test_ngram_alpha_follows_the_model_entropy():
+    """mixed_nll = -log((1 - a) p_model + a p_ngram), a = min(MAX, BASE + SCALE sigmoid(H - CENTER)), at two entropies."""
+    hp = tiny_hparams(NGRAM_BUCKETS=1 << 20, NGRAM_MAX_ORDER=1, NGRAM_ALPHA_BASE=0.05, NGRAM_ALPHA_SCALE=0.55,
+                      NGRAM_ENTROPY_CENTER=4.0, NGRAM_ALPHA_MAX=0.5)
+    cache = train_gpt.NgramCache(hp, CPU)
+    tokens = torch.tensor([0, 5, 5, 7, 5, 9, 5, 9])
+    positions = torch.tensor([6, 7])
+    targets = tokens[positions]
+    peaked = torch.full((1024,), -8.0)
+    peaked[5] = 8.0
+    logp = torch.log_softmax(torch.stack([torch.zeros(1024), peaked]), -1)  # entropies ln(1024) = 6.93 and ~0.01
+    model_nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    assert torch.equal(cache.mixed_nll(logp, tokens, positions, targets), model_nll)  # nothing seen yet: alpha = 0
+    cache.update(tokens, torch.arange(1, 6))  # unigram counts 5: 3, 7: 1, 9: 1 (2^20 buckets: no pair collisions)
+    entropy = -(logp.exp() * logp).sum(-1)
+    alpha = (0.05 + 0.55 * torch.sigmoid(entropy - 4.0)).clamp(max=0.5)
+    assert alpha[0] == 0.5 and 0.05 < alpha[1] < 0.06  # the cap binds at the first position, not at the second
+    expected = -torch.log((1 - alpha) * torch.exp(-model_nll) + alpha * torch.tensor([3 / 5, 1 / 5]))
+    assert torch.allclose(cache.mixed_nll(logp, tokens, positions, targets), expected, rtol=1e-5, atol=0)
 
 
 def test_engram_alpha_and_threshold_come_from_env(tmp_path):
@@ -206,6 +310,65 @@ def test_plan_order_and_budget_skip(tmp_path):
     assert summary["stage"] == "roundtrip" and summary["planned"] == "evalengram"
 
 
+def test_stack_skips_sliding_and_capsule_carry_when_over_budget(tmp_path):
+    """The sliding and capsule_carry stages are budget-checked too: skipped with an eval_skip line, the rest reported."""
+    model, _ = artifact_model(tmp_path, CAPSULE_ENABLED=1)
+    hp = tiny_hparams(**SMALL, SLIDING_EVAL=1, SLIDING_EVAL_STRIDE=32, CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1)
+    tokens, lines = torch.randint(0, 1024, (300,)), []
+    assert list(train_gpt.run_eval_stack(model, tokens, hp, FLAT_TABLES, train_gpt.Dist(), lines.append)) == [
+        "roundtrip", "sliding", "capsule_carry"]
+    hp.eval_max_seconds = 1e-6
+    lines.clear()
+    assert list(train_gpt.run_eval_stack(model, tokens, hp, FLAT_TABLES, train_gpt.Dist(), lines.append)) == ["roundtrip"]
+    assert log_values("\n".join(lines), "eval_skip", "stage") == ["sliding", "capsule_carry"]
+
+
+def test_budget_check_projects_the_first_chunk_to_the_whole_stage():
+    """A 1 s first chunk holding 20% of the stage projects 5 s: under EVAL_MAX_SECONDS=10 it fits at 4 s elapsed, not 6."""
+    hp, run, lines = tiny_hparams(EVAL_MAX_SECONDS=10), train_gpt.Dist(), []
+    assert train_gpt.budget_check(hp, run, 4.0, "ttt", lines.append)(1.0, 0.2) is True and lines == []
+    assert train_gpt.budget_check(hp, run, 6.0, "ttt", lines.append)(1.0, 0.2) is False
+    assert log_values("\n".join(lines), "eval_skip", "stage") == ["ttt"]
+    assert log_values("\n".join(lines), "eval_skip", "projected_s") == ["5.0000"]
+    assert train_gpt.budget_check(tiny_hparams(), run, 1e9, "ttt", lines.append) is None  # EVAL_MAX_SECONDS=0: no budget
+
+
+class OneSecondPerCall:
+    """Stands in for the time module: perf_counter advances exactly 1 s per call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("stage", ["sliding", "capsule_carry", "ttt"])
+def test_stage_budget_uses_the_projection_not_the_raw_time(tmp_path, monkeypatch, stage):
+    """A 1 s first batch / window / chunk holding 1/4 of the stage projects 4 s: a 3.5 s budget skips it, 4.5 s runs it."""
+    model, _ = artifact_model(tmp_path, CAPSULE_ENABLED=1)
+    tokens = torch.randint(0, 1024, (257,))  # 256 targets: 4 windows of 64, or 1 window of 64 + 6 of 32 at stride 32
+    run = train_gpt.Dist()
+    monkeypatch.setattr(train_gpt, "time", OneSecondPerCall())
+
+    def run_stage(budget_s):
+        hp = tiny_hparams(**dict(SMALL, CAPSULE_ENABLED=1, SLIDING_BATCH_SIZE=1, TTT_CHUNK_TOKENS=64, EVAL_MAX_SECONDS=budget_s))
+        lines = []
+        budget = train_gpt.budget_check(hp, run, 0.0, stage, lines.append)
+        if stage == "sliding":
+            outcome = train_gpt.eval_stage(model, tokens, hp, FLAT_TABLES, run, 32, 1.0, budget)
+        elif stage == "capsule_carry":
+            outcome = train_gpt.carry_stage(model, tokens, hp, FLAT_TABLES, run, 64, 1.0, budget)
+        else:
+            outcome = train_gpt.eval_chunked_stage(model, tokens, hp, FLAT_TABLES, run, 64, {"ttt"}, 1.0, budget)
+        return outcome, log_values("\n".join(lines), "eval_skip", "projected_s")
+
+    assert run_stage(3.5) == (None, ["4.0000"])
+    outcome, skips = run_stage(4.5)
+    assert outcome[2] == 256 and skips == []
+
+
 def test_eval_projection_scales_to_the_official_val_split_on_eight_gpus():
     """A stage's seconds scale by official tokens / scored tokens and by world size / 8; CPU lines carry none."""
     one_gpu = train_gpt.eval_projection_seconds(10.0, 492_263, 1)
@@ -239,6 +402,28 @@ def test_temperature_fit_reads_only_train_tokens(tiny_data, monkeypatch):
     assert results["sliding"]["val_loss"] == pytest.approx(float(scaled[0] / scaled[2]), rel=1e-9)
     roundtrip = train_gpt.score_windows(model, val, train_gpt.eval_windows(300, 64, 64), 8, FLAT_TABLES, CPU)
     assert results["roundtrip"]["val_loss"] == pytest.approx(float(roundtrip[0] / roundtrip[2]), rel=1e-9)
+
+
+def test_temperature_divides_the_logits_of_every_later_stage():
+    """At T = 0.5 the sliding, capsule_carry and chunked stages' loss is cross_entropy(logits / T) of their windows."""
+    model = perturbed_model().eval()  # no capsule bank: the carry stage carries nothing, its windows are plain
+    hp, run, tokens = tiny_hparams(**SMALL), train_gpt.Dist(), torch.randint(0, 1024, (300,))
+
+    def reference(stride, temperature):
+        nll = 0.0
+        with torch.no_grad():
+            for start, length, score_from in train_gpt.eval_windows(300, 64, stride):
+                logits = model.logits(model.hidden(tokens[None, start:start + length])[0])[0, score_from:]
+                targets = tokens[start + 1 + score_from:start + 1 + length]
+                nll += float(F.cross_entropy(logits / temperature, targets, reduction="sum"))
+        return nll / 299
+
+    sliding, plain = reference(32, 0.5), reference(64, 0.5)
+    assert sliding != pytest.approx(reference(32, 1.0), rel=1e-3) and plain != pytest.approx(reference(64, 1.0), rel=1e-3)
+    assert train_gpt.eval_stage(model, tokens, hp, FLAT_TABLES, run, 32, 0.5)[0] == pytest.approx(sliding, rel=1e-6)
+    assert train_gpt.carry_stage(model, tokens, hp, FLAT_TABLES, run, 64, 0.5)[0] == pytest.approx(plain, rel=1e-6)
+    chunked = train_gpt.eval_chunked_stage(model, tokens, hp, FLAT_TABLES, run, 32, set(), 0.5)
+    assert chunked[0] == pytest.approx(sliding, rel=1e-6)
 
 
 class OverconfidentBigram(torch.nn.Module):

@@ -145,3 +145,17 @@ def test_export_report_accounts_for_every_payload_byte():
     payload = train_gpt.serialize_model(model)
     header_len = int.from_bytes(payload[5:9], "little")
     assert sum(train_gpt.export_report(model).values()) == len(payload) - 9 - header_len
+
+
+def test_artifact_over_the_budget_never_gets_the_final_name(tmp_path):
+    """export_artifact refuses an artifact that does not fit with the code bytes: the run stops with the limit in
+    the message, and the file is kept only as final_model.skc.over_budget."""
+    from conftest import tiny_hparams
+    hp = tiny_hparams(OUT_DIR=tmp_path, RUN_ID="big")
+    lines = []
+    with pytest.raises(train_gpt.ConfigError, match="16,000,000-byte limit") as error:
+        train_gpt.export_artifact(_trained_tiny_model(), hp, train_gpt.Dist(), lines.append, code_bytes=train_gpt.BUDGET_BYTES - 1000)
+    assert not (tmp_path / "big" / "final_model.skc").exists()
+    assert (tmp_path / "big" / "final_model.skc.over_budget").is_file() and "over_budget" in str(error.value)
+    path, model_bytes = train_gpt.export_artifact(_trained_tiny_model(), hp, train_gpt.Dist(), lines.append, code_bytes=1000)
+    assert path.is_file() and path.stat().st_size == model_bytes

@@ -78,15 +78,28 @@ def test_clip_search_never_increases_reconstruction_error(mode, tmp_path):
 
 
 def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkeypatch):
-    """The calibration slice is the last CALIB_TOKENS + 1 train tokens; the val loader is never called."""
+    """The calibration slice is the last CALIB_TOKENS + 1 train tokens; export_fidelity with row pruning, clip search
+    and scale + threshold calibration opens train shards only (every shard_paths split and load_shard file is
+    train) and never calls the val loader."""
     monkeypatch.setattr(train_gpt, "load_val_tokens", lambda *a, **k: pytest.fail("calibration read val tokens"))
-    hp = tiny_hparams(DATA_PATH=str(tiny_data), CALIB_TOKENS=2048, GPTQ_LITE_ENABLED=1, TERNARY_SCALE_SEARCH=1, CALIB_MAX_EVALS=3)
+    engram = dict(BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64, BIGRAM_HASH_DIM=16)
+    env = dict(DATA_PATH=str(tiny_data), CALIB_TOKENS=2048, GPTQ_LITE_ENABLED=1, TERNARY_SCALE_SEARCH=1,
+               TERNARY_THRESHOLD_SEARCH=1, CALIB_MAX_EVALS=3, ENGRAM_PRUNE_MIN_HITS=2, **engram)
+    hp = tiny_hparams(**env)
+    assert hp.ternary_clip_mode != "none"
     tokens = train_gpt.calibration_tokens(hp)
     train = np.asarray(train_gpt.load_shard(tiny_data / "fineweb_train_000000.bin", 1024))
     assert len(tokens) == 2049 and np.array_equal(tokens.numpy(), train[-2049:])
+    splits, opened = [], []
+    shard_paths, load_shard = train_gpt.shard_paths, train_gpt.load_shard
+    monkeypatch.setattr(train_gpt, "shard_paths", lambda path, split: splits.append(split) or shard_paths(path, split))
+    monkeypatch.setattr(train_gpt, "load_shard", lambda path, vocab: opened.append(os.path.basename(path)) or load_shard(path, vocab))
     lines = []
-    train_gpt.export_fidelity(_perturbed(tiny_model()), hp, train_gpt.Dist(), lines.append)
-    assert any(line.startswith("export_calib") for line in lines) and any(line.startswith("export_clip") for line in lines)
+    train_gpt.export_fidelity(_perturbed(tiny_model(**engram)), hp, train_gpt.Dist(), lines.append)
+    for event in ("export_prune", "export_clip", "export_calib"):
+        assert any(line.startswith(event) for line in lines), event
+    assert splits and set(splits) == {"train"}, splits
+    assert opened and all(name.startswith("fineweb_train_") for name in opened), opened
 
 
 def _calibrated(tiny_data, seed=0, **overrides):

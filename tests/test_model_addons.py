@@ -35,6 +35,17 @@ def test_option_runs_forward_backward_and_every_param_gets_a_route(name):
     model.post_step()
 
 
+@pytest.mark.parametrize("name", TRAINABLE + ["feedback_one_pass"])
+def test_every_parameter_of_an_addon_gets_a_gradient(name):
+    """DDP refuses parameters that get no gradient: every add-on parameter, in every pass count, is used."""
+    config = OPTIONS.get(name, dict(FEEDBACK_ENABLED=1))
+    model = perturbed_model(**config)
+    model.train()
+    x = torch.randint(0, 1024, (2, 32))
+    model(x, x).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_option_is_causal(name):
     """Perturbing tokens after t leaves logits <= t unchanged, for every add-on (n-gram hash and capsules included)."""
@@ -76,20 +87,52 @@ def test_engram_row_hits_count_every_lookup():
     assert getattr(model.engram.tables.weight, "ttt_group", None) == "engram"
 
 
+def _used_gate_scale(engram, x, ids):
+    """The gate scale EngramHash.forward used, read back from its output: gate = out / value (per position) and
+    logit(gate) = scale * cos(x, key) + bias, with value / key captured from the module's own projections."""
+    seen = {}
+    hooks = [getattr(engram, name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out))
+             for name in ("value", "key")]
+    with torch.no_grad():
+        out = engram(x, ids)
+    for hook in hooks:
+        hook.remove()
+    value, key = seen["value"].double(), seen["key"].double()
+    gate = (out.double() * value).sum(-1) / value.square().sum(-1)
+    cos = torch.nn.functional.cosine_similarity(x.double(), key, dim=-1)
+    usable = cos.abs() > 0.05
+    assert usable.sum() > 20
+    return ((torch.logit(gate) - float(engram.gate_bias.detach())) / cos)[usable]
+
+
 def test_engram_gate_scale_stays_in_range():
-    """The gate scale 0.1 + 3.9 sigmoid(param) is inside (0.1, 4) for any parameter value."""
+    """The scale the engram gate actually applies is in [0.1, 4] at any parameter value (0.1 / 4 at saturation)."""
+    engram = perturbed_model(**OPTIONS["engram"]).engram
+    torch.manual_seed(5)
+    x, ids = torch.randn(2, 24, 64), torch.randint(0, 1024, (2, 24))
+    scales = {}
     for value in (-50.0, 0.0, 50.0):
-        scale = 0.1 + 3.9 * torch.sigmoid(torch.tensor(value))
-        assert 0.1 <= float(scale) <= 4.0
+        with torch.no_grad():
+            engram.gate_scale.fill_(value)
+        used = _used_gate_scale(engram, x, ids)
+        assert float(used.max() - used.min()) < 1e-3, "one scalar scale for every position"
+        scales[value] = float(used.median())
+        assert 0.1 - 1e-3 <= scales[value] <= 4.0 + 1e-3, (value, scales[value])
+    assert scales[-50.0] == pytest.approx(0.1, abs=1e-3) and scales[50.0] == pytest.approx(4.0, abs=1e-3)
+    assert scales[-50.0] < scales[0.0] < scales[50.0]
 
 
 def test_training_forward_equals_eval_nll_with_every_addon():
-    """No train/eval difference: with the aux weights at 0 the training loss is the mean eval NLL (progress 1)."""
-    model = perturbed_model(**OPTIONS["all"], KOOPMAN_CONSISTENCY_WEIGHT=0, MOE_AUX_WEIGHT=0)
+    """No train/eval difference: with every add-on (no dropout-like option) train-mode hidden states and per-token
+    NLL are bit-equal to eval mode, and with aux weights 0 the training loss is the mean eval NLL (progress 1)."""
+    model = perturbed_model(**OPTIONS["all"], KOOPMAN_CONSISTENCY_WEIGHT=0, MOE_AUX_WEIGHT=0, KOOPMAN_SPECULATIVE_STEPS=2,
+                            KOOPMAN_HALT_THRESHOLD=0.05, FEEDBACK_PASSES=2)
     x, y = torch.randint(0, 1024, (2, 32)), torch.randint(0, 1024, (2, 32))
     with torch.no_grad():
-        train_loss = model.train()(x, y)
-        assert torch.allclose(train_loss, model.eval().token_nll(x, y).mean(), atol=1e-6)
+        train_hidden, train_nll, train_loss = model.train().hidden(x)[0], model.token_nll(x, y), model(x, y)
+        eval_hidden, eval_nll = model.eval().hidden(x)[0], model.token_nll(x, y)
+    assert torch.equal(train_hidden, eval_hidden) and torch.equal(train_nll, eval_nll)
+    assert torch.allclose(train_loss, eval_nll.mean(), atol=1e-6)
 
 
 def _loss(weight_name, weight, batch, **overrides):
@@ -206,6 +249,33 @@ def test_carry_holds_only_already_scored_windows():
     assert torch.equal(prefix, train_gpt.score_stream_with_carry(model, changed, 64, _tables(), torch.device("cpu"), windows=first_two))
 
 
+def test_carry_never_includes_the_current_window():
+    """With the carry on, changing tokens after position t of window k leaves window k's NLL at positions <= t
+    unchanged: the carry holds earlier windows only, never the window's own pooled state (checked through
+    score_stream_with_carry's per-offset sums and through GPT.hidden_with_carry's logits)."""
+    model = perturbed_model(**OPTIONS["capsule"]).eval()
+    torch.manual_seed(6)
+    tokens, t = torch.randint(0, 1024, (200,)), 20
+    changed = tokens.clone()
+    changed[64 + t + 2:] = torch.randint(0, 1024, (200 - 64 - t - 2,))  # window 1 inputs and targets <= t unchanged
+    cpu = torch.device("cpu")
+
+    def prefix_and_total(stream, carry_enabled=True):  # window 1's NLL at offsets <= t, and the whole sum
+        sums = [float(train_gpt.score_stream_with_carry(model, stream, 64, _tables(), cpu, [(0, 64, 0), (64, 64, score_from)],
+                                                        carry_enabled)[0]) for score_from in (0, t + 1)]
+        return sums[0] - sums[1], sums[0]
+
+    (prefix, total), (prefix_changed, total_changed) = prefix_and_total(tokens), prefix_and_total(changed)
+    assert prefix == pytest.approx(prefix_changed, abs=1e-6)
+    assert total != pytest.approx(total_changed, abs=1e-3)  # the change is seen after t
+    assert prefix != pytest.approx(prefix_and_total(tokens, carry_enabled=False)[0], abs=1e-3)  # the carry is used
+    with torch.no_grad():
+        _, carry = model.hidden_with_carry(tokens[None, :64], None)
+        logits = [model.logits(model.hidden_with_carry(s[None, 64:128], carry)[0]) for s in (tokens, changed)]
+    assert torch.allclose(logits[0][:, :t + 1], logits[1][:, :t + 1], atol=1e-5)
+    assert not torch.allclose(logits[0][:, t + 2:], logits[1][:, t + 2:], atol=1e-3)
+
+
 def test_carry_stage_is_in_the_plan_only_when_asked():
     """CAPSULE_CARRY_EVAL=1 adds the capsule_carry stage (and needs CAPSULE_ENABLED=1)."""
     assert "capsule_carry" not in [n for n, _ in train_gpt.eval_plan(tiny_hparams())]
@@ -234,11 +304,19 @@ def test_export_reload_is_exact(tmp_path, name):
 
 
 def test_ddp_smoke_run_with_moe_and_engram(tiny_data, tmp_path):
-    """Two gloo ranks train MoE + engram for 2 steps (all experts in the graph every step) and print a final line."""
-    env = dict(train_gpt_env(tiny_data, tmp_path), MOE_ENABLED=1, BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=256,
-               MOE_START_FRACTION=0.0, ITERATIONS=2, CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1, VAL_MAX_TOKENS=2048)
+    """Two gloo ranks train 2 steps of a hybrid (attention + koopman_ssm layers) model with MoE (all experts in the
+    graph every step), engram, capsules + carry eval, feedback, TurboQuant train/export and fp4 storage, and
+    print a final line. (SHARED_BLOCKS cannot combine with MoE: the SKC DDP run in test_skc_layers covers it.)"""
+    env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="hybrid", MOE_ENABLED=1, BIGRAM_HASH_ENABLED=1,
+               BIGRAM_HASH_BUCKETS=256, MOE_START_FRACTION=0.0, ITERATIONS=2, CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1,
+               FEEDBACK_ENABLED=1, FEEDBACK_PASSES=2, TURBO_QUANT_TRAIN=1, TURBO_QUANT_EXPORT=1, FP_STORAGE="fp4",
+               VAL_MAX_TOKENS=2048)
     result = run_trainer(env, nproc=2, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = next(line for line in result.stdout.splitlines() if line.startswith("config "))
+    for setting in ('"ARCHITECTURE": "hybrid"', '"FEEDBACK_ENABLED": 1', '"TURBO_QUANT_TRAIN": 1', '"FP_STORAGE": "fp4"', '"MOE_ENABLED": 1'):
+        assert setting in config, setting
+    assert len(log_values(result.stdout, "step:", "train_loss")) == 2
     assert log_values(result.stdout, "final", "stage") == ["capsule_carry"]
     assert float(log_values(result.stdout, "final", "val_bpb")[0]) > 0
 

@@ -12,6 +12,29 @@ def test_muon_update_is_orthogonalized():
         assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
 
 
+def test_muon_step_applies_an_orthogonalized_update_with_the_shape_scale():
+    """One Muon.step from an ill-conditioned gradient (singular values 1..0.1): (p_before - p_after) / lr divided by
+    sqrt(max(1, rows/cols)) has singular values in the quintic's band 0.6..1.3 (the normalized gradient's are
+    0.03..0.37), with and without row equilibration, for wide, tall and square matrices."""
+    torch.manual_seed(0)
+    for shape in [(32, 64), (64, 32), (48, 48)]:
+        rows, cols = shape
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(rows, k))
+        v, _ = torch.linalg.qr(torch.randn(cols, k))
+        grad = u @ torch.diag(torch.logspace(0, -1, k)) @ v.T
+        normalized = torch.linalg.svdvals(grad / grad.norm())
+        assert normalized.max() < 0.5  # a plain normalized step would fail the band below
+        for row_equilibrate in (0, 1):
+            p = torch.nn.Parameter(torch.zeros(shape))
+            opt = train_gpt.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, row_equilibrate=row_equilibrate, weight_decay=0.0)
+            p.grad = grad.clone()
+            opt.step()
+            step = (0.0 - p.detach()) / 0.1 / max(1.0, rows / cols) ** 0.5
+            s = torch.linalg.svdvals(step)
+            assert s.min() > 0.6 and s.max() < 1.3, (shape, row_equilibrate, s.min(), s.max())
+
+
 def test_muon_weight_decay_only_touches_params_with_gradient():
     """A matrix with a zero gradient neither decays nor moves; one with a gradient does both."""
     a, b = torch.nn.Parameter(torch.ones(4, 8)), torch.nn.Parameter(torch.ones(4, 8))

@@ -333,11 +333,12 @@ def test_fresh_process_reload_is_exact_for_every_architecture(tmp_path):
 
 
 def test_ddp_run_with_skc_layer_and_options_finishes(tiny_data, tmp_path):
-    """torchrun, 2 processes (gloo): competition with an SKC layer and every option on trains 2 steps and scores."""
-    env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="competition", SKC_LAYERS="1", SKC_PARALLEL_RESIDUAL=1,
-               SKC_AUX_ENTROPY_FRACTION=0.01, XSA_START_LAYER=2, VRL_ENABLED=1, RECURRENCE_LAYERS="2",
-               RECURRENCE_START_FRACTION=0.5, STOCHASTIC_DEPTH=0.2, TERNARY_NOISE_SCALE=0.1, CURRICULUM_ENABLED=1,
-               CURRICULUM_MIN_SEQ_LEN=16, ITERATIONS=2)
+    """torchrun, 2 processes (gloo): competition with SKC layers (1 and 3, so SHARED_BLOCKS=2 repeats the pattern)
+    and every option on, shared blocks included, trains 2 steps and scores."""
+    env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="competition", SKC_LAYERS="1,3", SHARED_BLOCKS=2,
+               SKC_PARALLEL_RESIDUAL=1, SKC_AUX_ENTROPY_FRACTION=0.01, XSA_START_LAYER=2, VRL_ENABLED=1,
+               RECURRENCE_LAYERS="2", RECURRENCE_START_FRACTION=0.5, STOCHASTIC_DEPTH=0.2, TERNARY_NOISE_SCALE=0.1,
+               CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=16, ITERATIONS=2)
     result = run_trainer(env, nproc=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert log_values(result.stdout, "final", "val_bpb"), result.stdout[-2000:]
