@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, tiny_model
+from conftest import REPO, WARM_UP_SCRIPT, tiny_model
 
 
 @pytest.mark.parametrize("count", [1, 4, 5, 6, 127, 128, 129, 1000, 4099])
@@ -56,7 +56,7 @@ def test_artifact_is_deterministic():
     different hash seeds (no dict or set order leaks into the bytes)."""
     model = _trained_tiny_model()
     assert train_gpt.compress_payload(train_gpt.serialize_model(model)) == train_gpt.compress_payload(train_gpt.serialize_model(model))
-    script = ARTIFACT_HASH_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
+    script = WARM_UP_SCRIPT + ARTIFACT_HASH_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"))
     digests = {subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONHASHSEED=seed), check=True,
                               capture_output=True, text=True).stdout for seed in ("1", "2")}
     assert len(digests) == 1
@@ -101,7 +101,8 @@ def test_fresh_process_reload_is_exact(tmp_path, fp_storage):
     torch.manual_seed(3)
     batch = (torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
     torch.save(batch, tmp_path / "batch.pt")
-    script = RELOAD_SCRIPT.format(repo=str(REPO), path=str(path), batch=str(tmp_path / "batch.pt"), result=str(tmp_path / "out.pt"))
+    script = WARM_UP_SCRIPT + RELOAD_SCRIPT.format(repo=str(REPO), path=str(path), batch=str(tmp_path / "batch.pt"),
+                                                   result=str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", script], check=True)
     nll, codes = torch.load(tmp_path / "out.pt")
     with torch.no_grad():

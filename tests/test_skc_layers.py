@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, SP1024, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
+from conftest import REPO, SP1024, WARM_UP_SCRIPT, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
 
 ARCHITECTURES = {
     "attn": dict(ARCHITECTURE="attn"),
@@ -324,8 +324,9 @@ def test_fresh_process_reload_is_exact_for_every_architecture(tmp_path):
         train_gpt.write_artifact(tmp_path / f"{name}.skc", train_gpt.compress_payload(train_gpt.serialize_model(model)))
         with torch.no_grad():
             expected[name] = model.token_nll(*batch)
-    script = RELOAD_ALL_SCRIPT.format(repo=str(REPO), batch=str(tmp_path / "batch.pt"), names=list(EXPORT_CASES),
-                                      directory=str(tmp_path), result=str(tmp_path / "out.pt"))
+    script = WARM_UP_SCRIPT + RELOAD_ALL_SCRIPT.format(repo=str(REPO), batch=str(tmp_path / "batch.pt"),
+                                                       names=list(EXPORT_CASES), directory=str(tmp_path),
+                                                       result=str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", script], check=True)
     reloaded = torch.load(tmp_path / "out.pt")
     for name in EXPORT_CASES:
