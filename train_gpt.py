@@ -1441,6 +1441,15 @@ def softcap(logits, cap, kind):
     return logits * torch.rsqrt(1.0 + (logits / cap).square())
 
 
+def configure_ternary(module, cfg):
+    """Set TERNARY_NOISE_SCALE and TurboQuant rotation on every TernaryLinear inside `module` (the GPT, or one Block
+    built on its own, e.g. by tools/layer_bench.py). Returns the module."""
+    for child in module.modules():
+        if isinstance(child, TernaryLinear):
+            child.noise_scale, child.rotate = cfg.ternary_noise_scale, bool(cfg.turbo_quant_train)
+    return module
+
+
 class GPT(nn.Module):
     """Tied, factorized embedding -> U-Net of blocks (encoder half pushes skips, decoder half adds them back
     through learned skip weights) -> final norm -> tied head with a soft cap. Knows nothing of DDP."""
@@ -1472,12 +1481,7 @@ class GPT(nn.Module):
         self.feedback = FeedbackAdapters(cfg, cfg.num_layers - self.num_encoder) if cfg.feedback_enabled else None
         for i in moe_layer_indices(cfg):
             self.blocks[i].mlp = MoEMLP(cfg)
-        for module in self.modules():
-            if isinstance(module, TernaryLinear):
-                module.noise_scale = cfg.ternary_noise_scale
-        for module in self.modules():
-            if isinstance(module, TernaryLinear):
-                module.rotate = bool(cfg.turbo_quant_train)
+        configure_ternary(self, cfg)
 
     def set_progress(self, fraction):
         """Training fraction of the budget in [0, 1] (a buffer, so compiled graphs do not recompile); features
@@ -3049,9 +3053,9 @@ def main():
     log(kv("model_params", total=sum(counts.values()), **{f"{r}_params": n for r, n in counts.items()}))
     code_bytes = measure_code_bytes(hp)
     check_budget("estimate_before_training", estimate_artifact_bytes(base_model), code_bytes, log)
-    loader = DistributedTokenLoader(shard_paths(hp.data_path, "train"), hp.vocab_size, run.rank, run.world_size, run.device,
-                                    holdout=heldout_tokens(hp))
-    log(kv("train_data", heldout_tail_tokens=heldout_tokens(hp), train_tokens=sum(len(s) for s in loader.stream.shards)))
+    holdout = heldout_tokens(hp)
+    loader = DistributedTokenLoader(shard_paths(hp.data_path, "train"), hp.vocab_size, run.rank, run.world_size, run.device, holdout)
+    log(kv("train_data", heldout_tail_tokens=holdout, train_tokens=sum(len(s) for s in loader.stream.shards)))
     model = prepare_model(base_model, hp, run)
     optimizers = build_optimizers(base_model, hp, fused=run.device.type == "cuda")
     ema = EMA(hp.ema_decay, hp.ema_start_fraction) if hp.ema_enabled else None

@@ -20,8 +20,7 @@ sys.path.insert(0, str(REPO / "data"))
 # the first exp over 24,576 floats, 1,920 of them off by up to 1e-4, in 4 of 60 loaded runs; 0 of 120 with this
 # warm-up; later calls were exact in 2,000 of 2,000). Scripts that tests run in new processes start with it too.
 WARM_UP_SCRIPT = "import torch\nfor _ in range(3):\n    torch.randn(1 << 20).exp().sum()\n"
-for _ in range(3):
-    torch.randn(1 << 20).exp().sum()
+exec(WARM_UP_SCRIPT)
 
 # A model small enough for the CPU in milliseconds, big enough to have every structural part.
 TINY = dict(NUM_LAYERS="4", MODEL_DIM="64", EMBED_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", VOCAB_SIZE="1024",

@@ -179,14 +179,6 @@ def model_config(args):
     return train_gpt.ModelConfig.from_hparams(train_gpt.Hyperparameters(trainer_env(args)))
 
 
-def configure_ternary(module, cfg):
-    """What GPT.__init__ sets on every TernaryLinear: training noise scale and TurboQuant rotation."""
-    for child in module.modules():
-        if isinstance(child, train_gpt.TernaryLinear):
-            child.noise_scale, child.rotate = cfg.ternary_noise_scale, bool(cfg.turbo_quant_train)
-    return module
-
-
 class BlockUnderTest(nn.Module):
     """One Block plus what GPT.run_layers gives it: a Context built inside forward (as in the compiled model),
     rope tables and progress as buffers. forward returns a scalar loss: <block output, fixed random direction>
@@ -194,7 +186,7 @@ class BlockUnderTest(nn.Module):
 
     def __init__(self, cfg, layer_index, kind, seq_len):
         super().__init__()
-        self.block = configure_ternary(train_gpt.Block(cfg, layer_index, kind), cfg)
+        self.block = train_gpt.configure_ternary(train_gpt.Block(cfg, layer_index, kind), cfg)
         cos, sin, self.temperature = train_gpt.rope_tables(seq_len, cfg.rope_dims, cfg.rope_base, cfg.yarn_factor,
                                                            cfg.train_seq_len, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -397,7 +389,7 @@ def bench_quant(args, device, report):
     cfg = model_config(args)
     hidden = int(cfg.mlp_mult * cfg.model_dim)
     torch.manual_seed(0)
-    layer = configure_ternary(train_gpt.TernaryLinear(cfg.model_dim, hidden, cfg.bitnet_group_size), cfg).to(device)
+    layer = train_gpt.configure_ternary(train_gpt.TernaryLinear(cfg.model_dim, hidden, cfg.bitnet_group_size), cfg).to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(args.batch * args.seq_len, cfg.model_dim, device=device, dtype=dtype)
     weight = layer.effective_weight().detach().to(dtype)
