@@ -30,6 +30,10 @@ def test_preset_changes_defaults_but_explicit_env_wins():
     ({"EVAL_ONLY": "1"}, "ARTIFACT"),
     ({"SKC_LAYERS": "1,99"}, "SKC_LAYERS"),
     ({"NGRAM_ALPHA_MAX": "1"}, "NGRAM_ALPHA_MAX"),
+    ({"EMA_HORIZON_FRACTION": "0"}, "EMA_HORIZON_FRACTION"),
+    ({"LOSS_RUNAWAY_RATIO": "0.5"}, "LOSS_RUNAWAY_RATIO"),
+    ({"EMA_DECAY": "0.997"}, "EMA_DECAY is no longer a setting: use EMA_HORIZON_FRACTION"),
+    ({"TURBO_QUANT_EXPORT": "1"}, "TURBO_QUANT_EXPORT is no longer a setting: use TURBO_QUANT_TRAIN"),
 ])
 def test_impossible_config_names_the_variable(env, needle):
     """An impossible config raises ConfigError whose message names the variable to fix."""

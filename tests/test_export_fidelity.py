@@ -174,7 +174,7 @@ def test_two_rank_gloo_calibration_gives_identical_buffers(tiny_data, tmp_path):
 
 def test_turbo_quant_reload_is_exact_and_rotates(tmp_path):
     """TURBO_QUANT_TRAIN=1: layers rebuild rotated from the artifact's config and the reload is exact."""
-    model = _perturbed(tiny_model(TURBO_QUANT_TRAIN=1, TURBO_QUANT_EXPORT=1))
+    model = _perturbed(tiny_model(TURBO_QUANT_TRAIN=1))
     reloaded, _ = _roundtrip(model, tmp_path / "turbo.skc")
     assert all(m.rotate for m in train_gpt.ternary_modules(reloaded))
     _assert_reload_exact(model, reloaded)
@@ -183,15 +183,13 @@ def test_turbo_quant_reload_is_exact_and_rotates(tmp_path):
 
 
 @pytest.mark.parametrize("env, match", [
-    (dict(TURBO_QUANT_TRAIN=1), "TURBO_QUANT_EXPORT=0 != TURBO_QUANT_TRAIN=1"),
-    (dict(TURBO_QUANT_EXPORT=1), "TURBO_QUANT_EXPORT=1 != TURBO_QUANT_TRAIN=0"),
-    (dict(TURBO_QUANT_TRAIN=1, TURBO_QUANT_EXPORT=1, BITNET_GROUP_SIZE=48), "power of 2"),
+    (dict(TURBO_QUANT_TRAIN=1, BITNET_GROUP_SIZE=48), "power of 2"),
     (dict(TERNARY_CLIP_MODE="max"), "TERNARY_CLIP_MODE"),
     (dict(EXPORT_ALIGNED_TRAIN=1), "nothing to align"),
     (dict(CALIB_MAX_SECONDS=1000), "CALIB_MAX_SECONDS"),
 ])
 def test_bad_export_config_is_refused(env, match):
-    """Mismatched TurboQuant flags, non-power-of-2 rotation groups and bad export options raise ConfigError."""
+    """Non-power-of-2 rotation groups and bad export options raise ConfigError."""
     with pytest.raises(train_gpt.ConfigError, match=match):
         tiny_hparams(**env)
 
@@ -234,8 +232,7 @@ def test_trainer_with_every_option_logs_export_cost(tiny_data, tmp_path):
         TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512, COMPILE=0, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=6,
         EMA_ENABLED=0, EVAL_BATCH_SEQS=16, VAL_MAX_TOKENS=2048, CODE_BYTES=1, LOG_DIR=tmp_path, OUT_DIR=tmp_path,
         RUN_ID="fidelity", GPTQ_LITE_ENABLED=1, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1, CALIB_TOKENS=1024,
-        CALIB_MAX_EVALS=12, EXPORT_ALIGNED_TRAIN=1, EXPORT_ALIGNED_START_FRACTION=0.5, TURBO_QUANT_TRAIN=1,
-        TURBO_QUANT_EXPORT=1)
+        CALIB_MAX_EVALS=12, EXPORT_ALIGNED_TRAIN=1, EXPORT_ALIGNED_START_FRACTION=0.5, TURBO_QUANT_TRAIN=1)
     result = run_trainer(env)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

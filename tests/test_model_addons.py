@@ -155,6 +155,29 @@ def test_aux_loss_reaches_total_loss_with_its_weight(weight_name, option):
     assert torch.allclose(doubled_aux, aux, rtol=1e-4)
 
 
+def test_capsule_consistency_loss_trains_only_the_predictor():
+    """The consistency term's gradient reaches the predictor (diag, left, right) and nothing upstream of the pooled
+    states: with the input state attached, a contractive predictor pulled the states (and the loss) up every step."""
+    model = perturbed_model(**dict(OPTIONS["capsule"], KOOPMAN_CONSISTENCY_WEIGHT=1.0))
+    bank = model.capsules
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    state, _, _ = bank.pool(x, None)
+    bank.consistency_loss(state).backward()
+    assert x.grad is None or not x.grad.any()
+    assert bank.value.weight.grad is None and bank.assign.weight.grad is None
+    assert all(p.grad is not None and p.grad.any() for p in (bank.diag, bank.left, bank.right))
+
+
+def test_capsule_consistency_loss_is_scale_free():
+    """States 10 times larger (their scale follows the residual stream's, which grows in training) give the same
+    consistency loss: it is the prediction error relative to the target states' power."""
+    bank = perturbed_model(**OPTIONS["capsule"]).capsules
+    with torch.no_grad():
+        state = bank.pool(torch.randn(2, 32, 64), None)[0]
+        small, large = (bank.consistency_loss(scale * state) for scale in (1.0, 10.0))
+    assert float(small) > 0 and torch.allclose(small, large, rtol=1e-4)
+
+
 def test_moe_balance_loss_matches_switch_formula():
     """The MoE aux term equals E * sum_e f_e P_e computed independently from the router's input."""
     model = perturbed_model(**dict(OPTIONS["moe"], MOE_TOP_K=1, MOE_AUX_WEIGHT=1.0))
@@ -309,7 +332,7 @@ def test_ddp_smoke_run_with_moe_and_engram(tiny_data, tmp_path):
     print a final line. (SHARED_BLOCKS cannot combine with MoE: the SKC DDP run in test_skc_layers covers it.)"""
     env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="hybrid", MOE_ENABLED=1, BIGRAM_HASH_ENABLED=1,
                BIGRAM_HASH_BUCKETS=256, MOE_START_FRACTION=0.0, ITERATIONS=2, CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1,
-               FEEDBACK_ENABLED=1, FEEDBACK_PASSES=2, TURBO_QUANT_TRAIN=1, TURBO_QUANT_EXPORT=1, FP_STORAGE="fp4",
+               FEEDBACK_ENABLED=1, FEEDBACK_PASSES=2, TURBO_QUANT_TRAIN=1, FP_STORAGE="fp4",
                VAL_MAX_TOKENS=2048)
     result = run_trainer(env, nproc=2, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

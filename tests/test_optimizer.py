@@ -1,4 +1,5 @@
 """OPTIMIZER + SCHEDULES."""
+import pytest
 import torch
 
 import train_gpt
@@ -62,10 +63,12 @@ def test_muon_momentum_warmup():
 
 
 def test_ema_starts_from_live_weights_and_applies_once():
-    """The shadow is a copy of the live weights at the start fraction; applying twice is refused."""
+    """The shadow is a copy of the live weights at the start fraction; a step that advances the fraction by df
+    moves it by 1 - exp(-df / horizon) towards the live weights; applying twice is refused."""
+    import math
     import pytest
     model = torch.nn.Linear(3, 3)
-    ema = train_gpt.EMA(0.5, start_fraction=0.5)
+    ema = train_gpt.EMA(0.1 / math.log(2), start_fraction=0.5)  # df = 0.1 halves the distance
     ema.update(model, 0.4)
     assert ema.shadow is None
     ema.update(model, 0.5)
@@ -77,3 +80,23 @@ def test_ema_starts_from_live_weights_and_applies_once():
     assert torch.allclose(model.weight, start + 1.0)
     with pytest.raises(RuntimeError):
         ema.apply_to(model)
+
+
+def test_ema_horizon_is_a_fraction_of_the_run_not_a_step_count():
+    """Over the same span of the run, 10 steps and 1,000 steps leave the starting weights the same share of the
+    shadow, exp(-span / horizon): the EMA means the same at 400 steps as at 7,000."""
+    import math
+    shares = []
+    for steps in (10, 1000):
+        model = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema = train_gpt.EMA(0.05, start_fraction=0.5)
+        ema.update(model, 0.5)
+        with torch.no_grad():
+            model.weight.fill_(0.0)  # live weights 0 from here on: the shadow is the starting weights' share
+        for k in range(1, steps + 1):
+            ema.update(model, 0.5 + 0.5 * k / steps)
+        shares.append(float(ema.shadow[0]))
+    assert shares[0] == pytest.approx(math.exp(-0.5 / 0.05), rel=1e-4)
+    assert shares[1] == pytest.approx(shares[0], rel=1e-4)

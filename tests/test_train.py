@@ -51,6 +51,16 @@ def test_nan_loss_stops_with_step_and_last_finite_loss_and_writes_no_artifact(ti
     assert not list((tmp_path / "out").rglob("*.skc"))
 
 
+def test_runaway_loss_stops_the_run_before_export_naming_the_ratio(tiny_data, tmp_path):
+    """A finite loss far above a uniform guess (here an aux term weighted 1000x) stops the run at that step with a
+    message naming LOSS_RUNAWAY_RATIO and the aux terms, and no artifact; LOSS_RUNAWAY_RATIO=0 turns the stop off."""
+    env = _env(tiny_data, tmp_path, MOE_ENABLED="1", MOE_AUX_WEIGHT="1000", ITERATIONS="2")
+    result = run_trainer(env)
+    assert result.returncode != 0 and "ran away" in result.stderr and "LOSS_RUNAWAY_RATIO=2.0" in result.stderr, result.stderr[-2000:]
+    assert "auxiliary loss" in result.stderr and not list((tmp_path / "out").rglob("*.skc"))
+    assert run_trainer(dict(env, LOSS_RUNAWAY_RATIO="0", OUT_DIR=str(tmp_path / "off"))).returncode == 0
+
+
 def test_model_over_the_budget_stops_before_step_one_and_writes_no_artifact(tiny_data, tmp_path):
     """CODE_BYTES=16,000,000 puts code + model estimate over the limit: the run exits non-zero before step 1 with
     a message naming the estimate and the 16,000,000-byte limit, and writes no artifact."""

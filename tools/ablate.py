@@ -137,12 +137,12 @@ def is_results_row(line):
     return len(cells) == len(RESULT_COLUMNS) and not set(stripped) <= set("|-: ")
 
 
-def append_row(results_path, row):
-    """Insert `row` after the last line of the results table (found by its header) in `results_path`."""
+def append_row(results_path, row, header=RESULTS_HEADER):
+    """Insert `row` after the last line of the table whose header line is `header` in `results_path`."""
     lines = Path(results_path).read_text(encoding="utf-8").splitlines()
-    if RESULTS_HEADER not in lines:
-        raise ValueError(f"{results_path} has no results table header line:\n{RESULTS_HEADER}")
-    insert_at = lines.index(RESULTS_HEADER) + 1
+    if header not in lines:
+        raise ValueError(f"{results_path} has no results table header line:\n{header}")
+    insert_at = lines.index(header) + 1
     while insert_at < len(lines) and lines[insert_at].lstrip().startswith("|"):
         insert_at += 1
     lines.insert(insert_at, row)
