@@ -4,22 +4,27 @@ minified, lzma-compressed, self-extracting) and the records folder around it.
   python build_submission.py --config best_known_competition.env --out records/<date>_<name>/ \\
       [--log logs/<run>.txt ...] [--submission-json artifacts/<run>/submission.json] [--skip-check]
 
-build_code(source, config) is the whole source-to-bytes pipeline:
+build_code(source, config) is the whole source-to-bytes pipeline, a pure function of the trainer's source text and
+a resolved config ({NAME: value}); this file never imports the trainer (it resolves a config by running
+`train_gpt.py --print-config`), so the trainer can import build_code without a circle:
   parse -> fold conditions on config values -> drop statements after return/raise -> drop top-level definitions
-  not reachable from the `if __name__ == "__main__"` block -> strip docstrings and the SPEC meanings -> prune
-  unused imports -> unparse and compact whitespace -> compile check -> lzma -> text encoding -> a small wrapper
-  that decodes and execs the code in its own module globals (so __name__ and __file__ are the script's own).
+  not reachable from the `if __name__ == "__main__"` block -> strip docstrings and the settings' help texts -> prune
+  unused imports -> record the folded settings in FOLDED_SETTINGS -> unparse and compact whitespace -> compile
+  check -> lzma -> text encoding -> a small wrapper that decodes and execs the code in its own module globals (so
+  __name__ and __file__ are the script's own).
 train_gpt.measure_code_bytes calls build_code at every training start, so it must stay fast (< 2 s) and depend
 only on the source text and the resolved config: the bytes it counts are the bytes this tool writes.
 
-Which values are folded. The config is resolved like a run resolves it (Hyperparameters of the env file, i.e.
-hp.as_dict(): every SPEC variable, set or default), because measure_code_bytes only has hp.as_dict(), where a
-value set in the file and a default look the same, and both must give the same bytes. Every variable is folded
-except (a) those the tiny equivalence check overrides (model size, schedule length, data and run paths:
-CHECK_SIZE_OVERRIDES, CHECK_RUN_KEYS), so the check runs the code paths that were folded, and (b) those whose
-attribute the source itself assigns anywhere (`self.rope_dims = ...` in validate, `hp.data_path = ...`), since
-their runtime value can differ from the configured one. The built script is specialized to its config: run it
-with the config's variables (and defaults for the rest); only (a) and (b) may differ.
+Which values are folded. The config is resolved like a run resolves it (Config.as_dict(): every setting, set or
+default), because measure_code_bytes only has that, where a value set in the file and a default look the same,
+and both must give the same bytes. Settings are the fields of the trainer's config dataclasses (`name: type =
+setting(default, help)`); a config read is `<section object>.name` (cfg, run_cfg, train_cfg, export_cfg, eval_cfg,
+x.cfg, config.<section>). Every setting is folded except (a) those the tiny equivalence check overrides (model
+size, schedule length, data and run paths: CHECK_SIZE_OVERRIDES, CHECK_RUN_KEYS), so the check runs the code paths
+that were folded, and (b) those whose name the source assigns anywhere (`self.num_heads = ...`, or a keyword of a
+`replace(...)` call), since their runtime value can differ from the configured one. The built script is
+specialized to its config: the settings a folded condition read are written into its FOLDED_SETTINGS, and it
+refuses an environment that sets one of them to another value (only (a) and (b) may differ).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import base64
 import dataclasses
 import datetime
 import difflib
-import importlib.util
+import functools
+import hashlib
 import io
 import json
 import lzma
@@ -57,9 +63,16 @@ CHECK_SIZE_OVERRIDES = dict(
 CHECK_RUN_KEYS = ("RUN_ID", "LOG_DIR", "OUT_DIR", "DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "TRAIN_LOG_EVERY")
 NEVER_FOLDED = frozenset(CHECK_SIZE_OVERRIDES) | frozenset(CHECK_RUN_KEYS)
 
-# Attribute reads that mean "the config value NAME": hp.NAME, cfg.NAME, self.cfg.NAME, model.cfg.NAME.
-CONFIG_OBJECT_NAMES = ("hp", "cfg")
-CONFIG_OWNER_NAMES = ("self", "model")
+# Attribute reads that mean "the config value NAME": cfg.NAME (and the other section parameter names), x.cfg.NAME
+# (self.cfg, model.cfg, ctx.cfg), config.model.NAME (and the other sections). Setting names are unique over sections.
+CONFIG_OBJECT_NAMES = ("cfg", "run_cfg", "train_cfg", "export_cfg", "eval_cfg")
+CONFIG_SECTIONS = ("run", "model", "train", "export", "eval")
+CONFIG_ROOT_NAME = "config"
+SETTING_FUNCTION = "setting"          # a setting is `name: type = setting(default, help)` in a config dataclass
+FOLDED_SETTINGS_NAME = "FOLDED_SETTINGS"
+# Registry tables whose rows are Row(name, flag, ...) calls, `flag` the name of the setting that switches the row on:
+# a row whose flag is folded off is dropped, so what only it references becomes unreachable and goes too.
+REGISTRY_TABLES = ("EVAL_STAGES",)
 
 # lzma settings for source text: preset 6 compresses it as well as 9-extreme at half the time; lc=3, pb=0 (text
 # has no 2^pb-byte alignment) was the smallest of lc 0-4 x pb 0/2 on train_gpt.py.
@@ -103,54 +116,55 @@ def read_env_file(path):
     return values
 
 
-def spec_assignment(tree):
-    """The top-level `SPEC = ((NAME, default, meaning), ...)` statement of the trainer, or None."""
+def setting_calls(tree):
+    """(field name, the setting(...) Call node) of every config field of the trainer, read from the AST."""
+    found = []
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SPEC" for t in node.targets) \
-                and isinstance(node.value, (ast.Tuple, ast.List)):
-            return node
-    return None
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and isinstance(item.value, ast.Call) \
+                    and isinstance(item.value.func, ast.Name) and item.value.func.id == SETTING_FUNCTION:
+                found.append((item.target.id, item.value))
+    return found
 
 
 def spec_names_from_source(tree):
-    """The variable names of SPEC, read from the AST (no torch import)."""
-    node = spec_assignment(tree)
-    rows = node.value.elts if node else []
-    return [row.elts[0].value for row in rows if isinstance(row, (ast.Tuple, ast.List)) and row.elts
-            and isinstance(row.elts[0], ast.Constant) and isinstance(row.elts[0].value, str)]
+    """The env var names of the trainer's settings (field names in upper case), read from the AST (no import)."""
+    return [name.upper() for name, _ in setting_calls(tree)]
 
 
 def check_known_keys(keys, spec_names, where):
-    """Every key must be a SPEC variable: a typo'd variable is an error, never silently ignored."""
+    """Every key must be a setting of the trainer: a typo'd variable is an error, never silently ignored."""
     for key in keys:
         if key not in spec_names:
             close = difflib.get_close_matches(key, spec_names, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see SPEC in train_gpt.py"
+            hint = f"; did you mean {close[0]}?" if close else "; see python train_gpt.py --env-table"
             raise BuildError(f"{where}: unknown config key {key!r}{hint}")
 
 
-def load_trainer(source_path):
-    """The trainer module of `source_path` (for Hyperparameters: the config is resolved exactly as a run resolves
-    it); the already imported train_gpt when it is that file."""
-    source_path = Path(source_path).resolve()
-    loaded = sys.modules.get("train_gpt")
-    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == source_path:
-        return loaded
-    module_spec = importlib.util.spec_from_file_location("train_gpt", source_path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules["train_gpt"] = module
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def resolve_config(env_values, trainer):
-    """Every SPEC variable's value as the trainer resolves it for this env (what hp.as_dict() gives in a run)."""
-    spec_names = [name for name, _, _ in trainer.SPEC]
+def resolve_config(env_values, source_path, spec_names):
+    """Every setting's value as the trainer resolves it for this env (what Config.as_dict() gives in a run), by
+    running `train_gpt.py --print-config` in a clean environment (no other setting may leak in)."""
     check_known_keys(env_values, spec_names, "config")
-    try:
-        return trainer.Hyperparameters(dict(env_values)).as_dict()
-    except trainer.ConfigError as error:
-        raise BuildError(f"config: {error}") from None
+    source = Path(source_path).read_bytes()
+    return dict(_resolved(json.dumps(env_values, sort_keys=True), str(source_path), hashlib.sha256(source).hexdigest()))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(env_json, source_path, source_digest):
+    """resolve_config's trainer run, once per (env, source text) in a process."""
+    env = {key: value for key, value in os.environ.items() if key.lower() not in _setting_names(source_path)}
+    env.update(json.loads(env_json))
+    result = subprocess.run([sys.executable, source_path, "--print-config"], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BuildError(f"config: the trainer refused it: {message}")
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]).items())
+
+
+def _setting_names(source_path):
+    return {name for name, _ in setting_calls(ast.parse(Path(source_path).read_text()))}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -158,14 +172,16 @@ def resolve_config(env_values, trainer):
 # -----------------------------------------------------------------------------------------------------------------
 
 def config_read_name(node):
-    """NAME (lower case) if `node` reads hp.NAME / cfg.NAME / self.cfg.NAME / model.cfg.NAME, else None."""
+    """NAME (lower case) if `node` reads a setting (see CONFIG_OBJECT_NAMES), else None."""
     if not isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Load):
         return None
     owner = node.value
     if isinstance(owner, ast.Name) and owner.id in CONFIG_OBJECT_NAMES:
         return node.attr
-    if (isinstance(owner, ast.Attribute) and owner.attr == "cfg" and isinstance(owner.value, ast.Name)
-            and owner.value.id in CONFIG_OWNER_NAMES):
+    if isinstance(owner, ast.Attribute) and owner.attr in CONFIG_OBJECT_NAMES:
+        return node.attr
+    if (isinstance(owner, ast.Attribute) and owner.attr in CONFIG_SECTIONS and isinstance(owner.value, ast.Name)
+            and owner.value.id == CONFIG_ROOT_NAME):
         return node.attr
     return None
 
@@ -178,6 +194,8 @@ def assigned_attribute_names(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
             names.add(node.attr)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "replace":
+            names.update(keyword.arg for keyword in node.keywords if keyword.arg)  # dataclasses.replace(x, name=...)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
                 and len(node.args) >= 2:
             if isinstance(node.args[1], ast.Constant):
@@ -198,7 +216,7 @@ def foldable_values(tree, config):
         return {}
     spec_names = spec_names_from_source(tree)
     if not spec_names:
-        raise BuildError("the source has no SPEC table, so config keys cannot be checked or folded")
+        raise BuildError("the source declares no settings (`name: type = setting(default, help)`), so config keys cannot be checked or folded")
     check_known_keys(config, spec_names, "build_code config")
     assigned = assigned_attribute_names(tree)
     if assigned is None:
@@ -243,6 +261,7 @@ class ConditionFolder(ast.NodeTransformer):
     def __init__(self, values):
         self.values = values
         self.folded = 0
+        self.read = set()  # settings whose value decided something (the built script refuses other values of them)
 
     def value_of(self, node):
         """The value of `node` if it is a constant or decided by config values, else UNKNOWN."""
@@ -250,6 +269,8 @@ class ConditionFolder(ast.NodeTransformer):
             return node.value
         name = config_read_name(node)
         if name is not None:
+            if name in self.values:
+                self.read.add(name)
             return self.values.get(name, UNKNOWN)
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and not isinstance(getattr(node, "ctx", None), ast.Store):
             items = [self.value_of(item) for item in node.elts]
@@ -519,12 +540,43 @@ def strip_docstrings(owner, field, block):
     return [statement for statement in block if not is_bare_string(statement)]
 
 
-def blank_spec_meanings(tree):
-    """SPEC rows are (NAME, default, meaning); the meanings are documentation, so they become ""."""
-    node = spec_assignment(tree)
-    for row in node.value.elts if node else []:
-        if isinstance(row, (ast.Tuple, ast.List)) and len(row.elts) >= 3 and isinstance(row.elts[2], ast.Constant):
-            row.elts[2] = ast.Constant(value="")
+def blank_setting_help(tree):
+    """A setting is setting(default, help); the help texts are documentation, so they become ""."""
+    for _, call in setting_calls(tree):
+        if len(call.args) >= 2 and isinstance(call.args[1], ast.Constant):
+            call.args[1] = ast.Constant(value="")
+
+
+def prune_registry_rows(tree, folder):
+    """Drop the rows of REGISTRY_TABLES whose flag setting is folded to a false value (see REGISTRY_TABLES)."""
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in REGISTRY_TABLES for t in node.targets)
+                and isinstance(node.value, (ast.Tuple, ast.List))):
+            continue
+        kept = []
+        for row in node.value.elts:
+            flag = row.args[1] if isinstance(row, ast.Call) and len(row.args) >= 2 else None
+            name = flag.value if isinstance(flag, ast.Constant) and isinstance(flag.value, str) else None
+            if name in folder.values:
+                folder.read.add(name)
+                if not folder.values[name]:
+                    folder.folded += 1
+                    continue
+            kept.append(row)
+        node.value.elts = kept
+
+
+def record_folded_settings(tree, folder):
+    """Write {NAME: value} of the settings a folded condition read into the trainer's FOLDED_SETTINGS assignment."""
+    folded = {name.upper(): folder.values[name] for name in sorted(folder.read)}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == FOLDED_SETTINGS_NAME for t in node.targets):
+            node.value = ast.parse(repr(folded), mode="eval").body
+            return folded
+    if folded:
+        raise BuildError(f"the source has no top-level {FOLDED_SETTINGS_NAME} = {{}}, so the built script could not refuse "
+                         "other values of the settings it was folded for")
+    return folded
 
 
 def unused_import_pruner(used):
@@ -626,13 +678,15 @@ def transformed_code(source, config=None):
     tree = ast.parse(source)
     folder = ConditionFolder(foldable_values(tree, config))
     tree = folder.visit(tree)
+    prune_registry_rows(tree, folder)
     edit_blocks(tree, drop_statements_after_terminators)
     edit_blocks(tree, fill_empty_block)
     removed, used = remove_unreachable_definitions(tree)
     if "__doc__" not in used:
         edit_blocks(tree, strip_docstrings)
-    blank_spec_meanings(tree)
+    blank_setting_help(tree)
     edit_blocks(tree, unused_import_pruner(used))
+    record_folded_settings(tree, folder)
     edit_blocks(tree, fill_empty_block)
     code = minify(ast.fix_missing_locations(tree))
     return code, tuple(sorted(folder.values)), folder.folded, removed
@@ -692,8 +746,8 @@ def build(source, config=None):
 
 
 def build_code(source: str, config: dict | None) -> bytes:
-    """The exact bytes of the submission script build_submission.py writes for `config` ({NAME: value} of SPEC
-    variables, e.g. hp.as_dict()). Called by train_gpt.measure_code_bytes at every training start."""
+    """The exact bytes of the submission script build_submission.py writes for `config` ({NAME: value} of the
+    trainer's settings, e.g. Config.as_dict()). Called by train_gpt.measure_code_bytes at every training start."""
     return build(source, config).script
 
 
@@ -705,8 +759,7 @@ def build_code(source: str, config: dict | None) -> bytes:
 
 def write_shard(path, tokens):
     """The one shard writer (data/tokenize_corpus.py), imported where the check needs it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-    from tokenize_corpus import write_shard as write
+    from data.tokenize_corpus import write_shard as write
     write(path, tokens)
 
 
@@ -725,7 +778,7 @@ def make_check_data(out_dir, tokenizer_path, corpus_path, documents=40, val_toke
 
 
 def check_environment(env_values, spec_names, data_path, tokenizer_path, vocab_size, work_dir):
-    """Environment of one check run: the caller's environment without any SPEC variable (none may leak in), the
+    """Environment of one check run: the caller's environment without any setting (none may leak in), the
     config's own values, the tiny size knobs, the check data and paths."""
     env = {key: value for key, value in os.environ.items()
            if key not in spec_names and key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -738,12 +791,12 @@ def check_environment(env_values, spec_names, data_path, tokenizer_path, vocab_s
 
 
 def log_fields(text):
-    """What the check compares, from a trainer's output: the train loss of every `step:` line, and stage,
-    val_loss and val_bpb of every `eval` line and of the `final` line."""
+    """What the check compares, from a trainer's output: the train loss of every `train` line, and stage,
+    val_loss and val_bpb (exact, as logged) of every `eval` line and of the `final` line."""
     losses, evals = [], []
     for line in text.splitlines():
         fields = dict(token.split(":", 1) for token in line.split()[1:] if ":" in token)
-        if line.startswith("step:"):
+        if line.startswith("train ") and "train_loss" in fields:
             losses.append(fields.get("train_loss"))
         elif line.startswith(("eval ", "final ")):
             evals.append((line.split()[0], fields.get("stage"), fields.get("val_loss"), fields.get("val_bpb")))
@@ -833,7 +886,7 @@ def submission_record(submission_json, bytes_code, name, date, env_values, folde
 
 
 def check_run_config(run_config, folded, path):
-    """The run must have used the values the script was folded for (its submission.json logs hp.as_dict())."""
+    """The run must have used the values the script was folded for (its submission.json logs Config.as_dict())."""
     mismatched = [f"{name.upper()}: run {run_config[name.upper()]!r}, --config {value!r}"
                   for name, value in folded.items()
                   if name.upper() in run_config and json.loads(json.dumps(value)) != run_config[name.upper()]]
@@ -860,7 +913,7 @@ def records_readme(name, date, env_values, bytes_code, bytes_source, record, com
         f"- logs: {', '.join(log_names) if log_names else 'none'}",
         f"- equivalence check: {check_line}", "",
         "## Config", "",
-        "Variables not listed have the trainer's defaults (see SPEC in the full `train_gpt.py`).", "",
+        "Variables not listed have the trainer's defaults (`python train_gpt.py --env-table` of the full trainer).", "",
         "```", *[f"{key}={value}" for key, value in env_values.items()], "```", "",
         "## How it was built", "",
         "```", command, "```", "",
@@ -943,7 +996,7 @@ def main(argv=None):
     check_known_keys(env_values, spec_names, args.config)
     if env_values.get("RUN_PRESET"):
         raise BuildError(f"{args.config}: RUN_PRESET must be empty in a submission config (presets are for local runs)")
-    resolved = resolve_config(env_values, load_trainer(source_path))
+    resolved = resolve_config(env_values, source_path, spec_names)
     result = build(source, resolved)
     check_line = "skipped (--skip-check)"
     if not args.skip_check:

@@ -1,19 +1,22 @@
 """SKC-600 ternary trainer for OpenAI's Parameter Golf.
 
-One file holds the whole pipeline: config -> distributed + logging -> data -> tokenizer + BPB -> model ->
-optimizer -> schedules -> quantize + export -> eval -> train -> main. The artifact (this script's code bytes plus
-the compressed weights) must fit in 16,000,000 bytes; training must finish in 10 minutes on 8xH100 and the
+One file holds the whole pipeline, in this order: config -> distributed + logging -> data -> tokenizer + BPB ->
+model -> optimizer -> schedules -> quantize + export -> eval -> train -> main. The artifact (this script's code bytes
+plus the compressed weights) must fit in 16,000,000 bytes; training must finish in 10 minutes on 8xH100 and the
 evaluation in 10 more.
 
 Run:
   RUN_PRESET=smoke python train_gpt.py                        # tiny CPU run, end to end (about a minute)
   DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=8 train_gpt.py
-  EVAL_ONLY=1 ARTIFACT=artifacts/<run>.skc python train_gpt.py  # score an artifact in a fresh process
-Every knob is an env var listed in Hyperparameters.SPEC (python train_gpt.py --env-table prints them).
+  EVAL_ONLY=1 ARTIFACT=artifacts/<run>/final_model.skc python train_gpt.py  # score an artifact in a fresh process
+Every knob is an env var declared once, as a field of a config section below (python train_gpt.py --env-table
+prints them all; --print-config prints the resolved config of the current environment as JSON).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -25,7 +28,7 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,168 +39,23 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------------
 # CONFIG
-# One table names every env var: (NAME, default, meaning). The default's type is the variable's type. Presets
-# change defaults only; an explicitly set env var always wins. Derived values are computed once in `validate`.
+# Every env var is one field of one section (run, model, train, export, eval): NAME = the field name in upper case,
+# its type that of the default, its meaning the help text. The env parsing, README's table (--env-table) and the
+# artifact's model config all derive from these fields. Presets change defaults only; an explicitly set env var
+# always wins. Derived values (head_dim, eval context, ...) are properties, computed from the fields, never stored.
 # -----------------------------------------------------------------------------------------------------------------
 
 BUDGET_BYTES = 16_000_000  # the challenge's hard limit: code bytes + compressed artifact bytes
 
+
 class ConfigError(ValueError):
     """A config or input problem; the message names the variable or file and the fix."""
 
-SPEC = (
-    # --- run and data ---
-    ("RUN_ID", "", "run name; the log is LOG_DIR/RUN_ID.txt (default: a random id)"),
-    ("RUN_PRESET", "", "'smoke' = tiny CPU run that tokenizes its own corpus; empty = the defaults below"),
-    ("SEED", 1337, "seed of init and data order"),
-    ("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "directory with fineweb_train_*.bin / fineweb_val_*.bin"),
-    ("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model of the shards"),
-    ("VOCAB_SIZE", 8192, "model vocabulary; must equal the tokenizer's and the data's"),
-    ("CORPUS", "", "smoke preset: text files (JSONL, JSONL.xz, plain) to tokenize; default ../shared/corpus slice"),
-    ("LOG_DIR", "logs", "directory of the per-run log files"),
-    ("OUT_DIR", "artifacts", "directory of the artifact and submission.json"),
-    ("EVAL_ONLY", 0, "1 = skip training; load ARTIFACT and run the eval stack"),
-    ("ARTIFACT", "", "artifact path for EVAL_ONLY"),
-    ("VAL_MAX_TOKENS", 0, "truncate the val split to this many tokens (0 = full split); logged on every eval line"),
-    # --- model ---
-    ("ARCHITECTURE", "attn", "layer types: attn | skc | koopman_ssm | hybrid | competition"),
-    ("NUM_LAYERS", 9, "transformer layers (U-Net: first half encoder, second half decoder)"),
-    ("MODEL_DIM", 512, "residual width"),
-    ("EMBED_DIM", 0, "factorized embedding width (0 = MODEL_DIM, no projections)"),
-    ("NUM_HEADS", 8, "query heads"),
-    ("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS"),
-    ("MLP_MULT", 2.0, "MLP hidden width = MLP_MULT * MODEL_DIM"),
-    ("MLP_ACTIVATION", "leaky_relu2", "leaky_relu2 (LeakyReLU(0.5)^2) | relu2"),
-    ("BITNET_GROUP_SIZE", 128, "ternary quantization group (input weights per scale)"),
-    ("ROPE_BASE", 10000.0, "RoPE base frequency"),
-    ("ROPE_DIMS", 0, "rotary dims per head (partial RoPE; 0 = whole head)"),
-    ("YARN_FACTOR", 1.0, "YaRN context-extension factor over TRAIN_SEQ_LEN (1 = plain RoPE)"),
-    ("QK_GAIN_INIT", 1.5, "initial per-head query gain (after QK RMSNorm)"),
-    ("LOGIT_SOFTCAP", 30.0, "logit soft cap value (0 = off)"),
-    ("SOFTCAP_TYPE", "poly", "poly (x/sqrt(1+(x/c)^2)) | tanh (c*tanh(x/c))"),
-    ("PARALLEL_RESIDUAL_START", -1, "layers >= this use the parallel block (mixer and MLP read one norm); -1 = none"),
-    ("SKC_LAYERS", "", "competition architecture: comma list of layer indices that are SKC layers"),
-    ("SKC_NUM_CAPSULES", 16, "SKC layer: capsules each position routes its spectral features to"),
-    ("SKC_CAPSULE_DIM", 64, "SKC layer: width of a capsule state"),
-    ("SKC_CONV_KERNEL", 4, "SKC and Koopman layers: taps of the causal depthwise conv (left padding only)"),
-    ("SKC_BLOCK_SIZE", 64, "SKC layer: period of the frequency-band routing term (position t mod SKC_BLOCK_SIZE)"),
-    ("SKC_PARALLEL_RESIDUAL", 0, "1 = SKC layers use the parallel block (SKC branch and MLP read one norm, one residual add)"),
-    ("SKC_AMP_RAMP_FRACTION", 0.1, "with SKC_PARALLEL_RESIDUAL: the SKC branch ramps 0 -> 1 over this training fraction"),
-    ("SKC_AUX_ENTROPY_FRACTION", 0.0, "weight of the mean capsule-routing entropy (nats) added to the loss per SKC layer; 0 = off"),
-    ("RESET_SSM_ON_BOS", 1, "1 = Koopman SSM state and conv restart at every BOS token (documents do not leak into each other)"),
-    ("XSA_START_LAYER", -1, "attention layers >= this remove the component along the token's own value vector (XSA); -1 = off"),
-    ("VRL_ENABLED", 0, "1 = value residual: attention layers >= VRL_START_LAYER mix in the first attention layer's values"),
-    ("VRL_START_LAYER", 1, "first layer index that mixes in the first attention layer's values (VRL_ENABLED=1)"),
-    ("SHARED_BLOCKS", 0, "distinct blocks; layer i runs block i % SHARED_BLOCKS with its own scales (0 = no sharing)"),
-    ("RECURRENCE_LAYERS", "", "comma list of layer indices run again RECURRENCE_DEPTH extra times (depth recurrence)"),
-    ("RECURRENCE_DEPTH", 1, "extra passes of each RECURRENCE_LAYERS layer"),
-    ("RECURRENCE_START_FRACTION", 0.0, "depth recurrence switches on at this training fraction (always on at eval)"),
-    ("STOCHASTIC_DEPTH", 0.0, "largest per-sample drop probability of a block's residual branches (last layer; linear in depth; training only)"),
-    ("TERNARY_NOISE_SCALE", 0.0, "training-only Gaussian noise on latent ternary weights before quantization, times the group absmean; 0 = off"),
-    ("CURRICULUM_ENABLED", 0, "1 = sequence-length curriculum at constant tokens per step (training only)"),
-    ("CURRICULUM_MIN_SEQ_LEN", 128, "curriculum start length (a power of two <= TRAIN_SEQ_LEN)"),
-    ("CURRICULUM_END_FRACTION", 0.3, "training fraction at which the curriculum reaches TRAIN_SEQ_LEN"),
-    # --- model add-ons ---
-    ("BIGRAM_HASH_ENABLED", 0, "1 = add hashed n-gram (engram) embeddings of the current and previous tokens to the residual"),
-    ("BIGRAM_HASH_BUCKETS", 4096, "rows per engram table (row 0 is reserved for n-grams without enough history or crossing a BOS)"),
-    ("BIGRAM_HASH_DIM", 64, "width of each engram table row"),
-    ("ENGRAM_NUM_HEADS", 2, "engram tables per n-gram order, each with its own hash prime (1-4)"),
-    ("ENGRAM_NUM_ORDERS", 2, "n-gram orders: 1 = bigram, 2 = bi+trigram, 3 = bi+tri+4-gram"),
-    ("ENGRAM_INJECT_LAYER", 0, "the gated engram vector is added to the residual before this layer"),
-    ("CAPSULE_ENABLED", 0, "1 = causal capsule bank (prefix-pooled states + Koopman predictor) at the U-Net midpoint"),
-    ("CAPSULE_NUM", 16, "capsules in the bank"),
-    ("CAPSULE_DIM", 64, "width of each capsule state"),
-    ("KOOPMAN_RANK", 4, "rank of the low-rank part of the diagonal + low-rank capsule predictor"),
-    ("KOOPMAN_CONSISTENCY_WEIGHT", 0.1, "weight of the aux loss: predicted next capsule state vs the actual next pooled state"),
-    ("KOOPMAN_SPECULATIVE_STEPS", 1, "predictor steps applied to the pooled capsule state before it is read"),
-    ("KOOPMAN_HALT_THRESHOLD", 0.0, "stop a position's speculative steps once the update norm is below this (0 = never)"),
-    ("CAPSULE_CARRY_EVAL", 0, "1 = add the eval stage that carries capsule state across consecutive, already-scored windows"),
-    ("FEEDBACK_ENABLED", 0, "1 = decoder layers read a causal sketch (prefix mean) of the encoder output via small adapters"),
-    ("FEEDBACK_PASSES", 1, "refinements of the sketch (each pools the encoder output plus the previous sketch's read-back)"),
-    ("MOE_ENABLED", 0, "1 = the MLPs of the upper MOE_LAYER_FRAC of layers become mixtures of ternary experts"),
-    ("MOE_NUM_EXPERTS", 4, "experts per MoE layer"),
-    ("MOE_TOP_K", 1, "experts per token"),
-    ("MOE_LAYER_FRAC", 0.5, "fraction of layers (the upper ones) whose MLP is a MoE"),
-    ("MOE_START_FRACTION", 0.1, "training fraction from which routing is on; before it every token uses expert 0"),
-    ("MOE_AUX_WEIGHT", 0.01, "weight of the Switch load-balancing loss (mean over tokens)"),
-    # --- training ---
-    ("TRAIN_SEQ_LEN", 1024, "training context length"),
-    ("TRAIN_BATCH_TOKENS", 524288, "global tokens per optimizer step, independent of world size"),
-    ("GRAD_ACCUM_STEPS", 0, "micro-batches per step summed over ranks (0 = 8 on CUDA, 1 on CPU)"),
-    ("ITERATIONS", 20000, "maximum optimizer steps (the wallclock usually stops first)"),
-    ("MAX_WALLCLOCK_SECONDS", 600.0, "training-time budget; schedules are fractions of it (0 = use ITERATIONS)"),
-    ("WARMUP_STEPS", 20, "compile warm-up steps; weights, optimizer and data are restored after them"),
-    ("TRAIN_LOG_EVERY", 50, "log a train line every N steps"),
-    ("VAL_LOSS_EVERY", 0, "evaluate on val every N steps during training (0 = only at the end)"),
-    ("COMPILE", -1, "torch.compile the model (-1 = on for CUDA, off for CPU)"),
-    ("MATRIX_LR", 0.04, "Muon learning rate of block matrices"),
-    ("EMBED_LR", 0.05, "AdamW learning rate of the tied embedding"),
-    ("SCALAR_LR", 0.04, "AdamW learning rate of scales, gains and norms"),
-    ("MUON_MOMENTUM", 0.95, "Muon Nesterov momentum after warm-up"),
-    ("MUON_MOMENTUM_WARMUP_START", 0.85, "Muon momentum at step 0"),
-    ("MUON_MOMENTUM_WARMUP_STEPS", 300, "steps of linear momentum warm-up"),
-    ("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations"),
-    ("MUON_EQ_R", 1, "1 = equilibrate rows of the update before Newton-Schulz (MuonEq-R)"),
-    ("MUON_WD", 0.0, "decoupled weight decay of Muon matrices"),
-    ("ADAM_WD", 0.0, "decoupled weight decay of the embedding (scalars never decay)"),
-    ("BETA1", 0.9, "AdamW beta1"),
-    ("BETA2", 0.95, "AdamW beta2"),
-    ("ADAM_EPS", 1e-8, "AdamW epsilon"),
-    ("GRAD_CLIP_NORM", 1.0, "global grad-norm clip (0 = off)"),
-    ("LOSS_RUNAWAY_RATIO", 2.0, "stop (no artifact) when the train loss exceeds this times ln(VOCAB_SIZE), the loss of a uniform guess (0 = off)"),
-    ("WARMUP_FRACTION", 0.02, "LR warm-up, as a fraction of the wallclock budget"),
-    ("WARMDOWN_FRACTION", 0.4, "LR linear warm-down to zero over the last fraction of the budget"),
-    ("EMA_ENABLED", 1, "keep an EMA of the weights and export it"),
-    ("EMA_HORIZON_FRACTION", 0.05, "EMA time constant as a fraction of the run: per-step decay exp(-(training fraction advanced) / this)"),
-    ("EMA_START_FRACTION", 0.5, "the EMA shadow starts from the live weights at this budget fraction"),
-    # --- export ---
-    ("FP_STORAGE", "fp16", "storage of non-ternary matrices: fp16 | fp8 | fp4 (trained through the same rounding)"),
-    ("CODE_BYTES", 0, "override the code-byte count (0 = measure the built submission script)"),
-    ("GPTQ_LITE_ENABLED", 0, "1 = per-tensor clip search before ternarization (TERNARY_CLIP_MODE); keeps the clip with the least reconstruction error, no clip included"),
-    ("TERNARY_CLIP_MODE", "row_std", "clip candidates: none | percentile (|w| quantiles of the tensor) | row_std (k * row std)"),
-    ("TERNARY_SCALE_SEARCH", 0, "1 = calibrate a per-tensor ternary scale multiplier (0.8..1.2) on held-out TRAIN tokens by coordinate search"),
-    ("TERNARY_THRESHOLD_SEARCH", 0, "1 = calibrate a per-tensor ternary zero threshold (0.35..0.65 of the scale) the same way"),
-    ("CALIB_TOKENS", 65536, "calibration tokens: the last CALIB_TOKENS + 1 of the train shards, held out of training when used (never val)"),
-    ("CALIB_MAX_EVALS", 256, "calibration budget: calibration-loss evaluations"),
-    ("CALIB_MAX_SECONDS", 60.0, "calibration budget: seconds of search (rank 0 searches, the others wait; at most 300)"),
-    ("EXPORT_ALIGNED_TRAIN", 0, "1 = run clip search + calibration once at EXPORT_ALIGNED_START_FRACTION of training and keep training through them"),
-    ("EXPORT_ALIGNED_START_FRACTION", 0.85, "training fraction at which EXPORT_ALIGNED_TRAIN calibrates (the time counts as training time)"),
-    ("TURBO_QUANT_TRAIN", 0, "1 = Hadamard-rotate each ternary weight group before ternarization (TurboQuant); BITNET_GROUP_SIZE a power of 2"),
-    ("ENGRAM_PRUNE_MIN_HITS", 0, "at export, zero and drop rows of hit-counted tables (count_row_hits) with fewer hits over the calibration tokens (0 = off)"),
-    # --- eval ---
-    ("EVAL_BATCH_SEQS", 32, "sequences per eval forward pass"),
-    ("EVAL_SEQ_LEN", 0, "eval context length (0 = TRAIN_SEQ_LEN)"),
-    ("SLIDING_EVAL", 0, "1 = add the sliding-window stage"),
-    ("SLIDING_EVAL_STRIDE", 64, "sliding-window stride: each later window scores its last STRIDE tokens"),
-    ("SLIDING_BATCH_SIZE", 32, "windows per forward pass in the sliding stage"),
-    ("EVAL_MAX_SECONDS", 0.0, "eval budget: a stage whose projected time (after its first chunk) would pass it is skipped (0 = none)"),
-    ("TEMP_SCALING", 0, "1 = fit one softmax temperature on the last TEMP_FIT_TOKENS train tokens; used by stages after roundtrip"),
-    ("TEMP_FIT_TOKENS", 65536, "the last TEMP_FIT_TOKENS of the train shards, held out of training, for TEMP_SCALING (never val)"),
-    ("TTT_ENABLED", 0, "1 = add the legal test-time-training stage: score a chunk, then adapt on it, then the next chunk"),
-    ("TTT_SCOPE", "scales", "TTT params: scales (route scalar) | skc_safe (+ ttt_group skc) | capsule_bank | all"),
-    ("TTT_LR", 0.005, "TTT SGD learning rate"),
-    ("TTT_EPOCHS", 1, "TTT passes over each scored chunk"),
-    ("TTT_CHUNK_TOKENS", 32768, "scored targets per chunk of the chunked stages (TTT, caches, budget projection)"),
-    ("TTT_MOMENTUM", 0.9, "TTT SGD momentum (the buffer persists across chunks)"),
-    ("TTT_BATCH_SEQS", 32, "sequences per TTT step"),
-    ("TTT_GRAD_CLIP", 1.0, "TTT grad-norm clip (0 = off)"),
-    ("FREEZE_PACKED_ENGRAM", 1, "0 = TTT may adapt ttt_group=engram params; 1 = frozen; 2 = frozen and raise if they drift"),
-    ("NGRAM_CACHE_ENABLED", 0, "1 = add the stage mixing a backoff n-gram model of already-scored val tokens into the probs"),
-    ("NGRAM_MAX_ORDER", 5, "n-gram cache: highest order (context length + 1); backs off to lower orders down to unigram"),
-    ("NGRAM_BUCKETS", 4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)"),
-    ("NGRAM_ALPHA_BASE", 0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))"),
-    ("NGRAM_ALPHA_SCALE", 0.55, "n-gram mix weight: entropy-dependent part"),
-    ("NGRAM_ENTROPY_CENTER", 4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint"),
-    ("NGRAM_ALPHA_MAX", 0.6, "n-gram mix weight: upper bound, in [0, 1)"),
-    ("EVAL_ENGRAM_ENABLED", 0, "1 = add the stage with hashed n-gram -> next-token count tables as a logit correction"),
-    ("EVAL_ENGRAM_BUCKETS", 4096, "EvalEngram: context buckets per order and head (each a row of VOCAB_SIZE fp32 counts)"),
-    ("EVAL_ENGRAM_HEADS", 2, "EvalEngram: hash functions per order (count-min: the smallest count is used)"),
-    ("EVAL_ENGRAM_ORDERS", "2,3", "EvalEngram: comma list of n-gram orders (context = order - 1 tokens)"),
-    ("EVAL_ENGRAM_ALPHA", 0.3, "EvalEngram: weight of the log-probability correction added to the logits"),
-    ("EVAL_ENGRAM_ENTROPY_THRESHOLD", 2.0, "EvalEngram: correct only positions whose model entropy (nats) exceeds this"),
-    ("EVAL_ENGRAM_LAPLACE", 0.1, "EvalEngram: additive smoothing of the counts"),
-    ("EVAL_ENGRAM_MAX_MEMORY_FRACTION", 0.25, "EvalEngram: tables may use at most this fraction of device memory (CPU: of 4 GiB)"),
-)
+
+def setting(default, help):
+    """One env var: a dataclass field whose env name is its name in upper case."""
+    return field(default=default, metadata={"help": help})
+
 
 PRESETS = {
     # Tiny CPU run: tokenizes a slice of text, trains ~1 minute, exports, reloads, scores.
@@ -210,92 +68,134 @@ PRESETS = {
     ),
 }
 
-
-RETIRED = {  # env vars that were settings once: set, they are an error naming what replaced them
-    "EMA_DECAY": "EMA_HORIZON_FRACTION (the EMA's time constant as a fraction of the run, the same at any step count)",
-    "TURBO_QUANT_EXPORT": "TURBO_QUANT_TRAIN alone (the artifact always stores the codes the model trained through)",
-}
-
-
-class Hyperparameters:
-    """Reads every env var of SPEC once: attribute name = NAME.lower(), typed like the default."""
-
-    def __init__(self, environ=None):
-        environ = os.environ if environ is None else environ
-        preset_name = environ.get("RUN_PRESET", "")
-        if preset_name and preset_name not in PRESETS:
-            raise ConfigError(f"RUN_PRESET={preset_name!r} is unknown; choose one of {sorted(PRESETS)} or leave it empty")
-        preset = PRESETS.get(preset_name, {})
-        for name, replacement in RETIRED.items():
-            if name in environ:
-                raise ConfigError(f"{name} is no longer a setting: use {replacement}")
-        self.explicit = {name for name, _, _ in SPEC if name in environ}
-        for name, default, _ in SPEC:
-            raw = environ.get(name, preset.get(name, default))
-            setattr(self, name.lower(), _cast(name, raw, type(default)))
-        self.validate()
+@dataclass
+class RunConfig:
+    run_id: str = setting("", "run name; the log is LOG_DIR/RUN_ID.txt (default: a random id chosen by rank 0)")
+    run_preset: str = setting("", "'smoke' = tiny CPU run that tokenizes its own corpus; empty = the defaults below")
+    seed: int = setting(1337, "seed of init and data order")
+    data_path: str = setting("./data/datasets/fineweb10B_sp8192", "directory with fineweb_train_*.bin / fineweb_val_*.bin")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model of the shards")
+    corpus: str = setting("", "smoke preset: text files (JSONL, JSONL.xz, plain) to tokenize; default ../shared/corpus slice")
+    log_dir: str = setting("logs", "directory of the per-run log files")
+    out_dir: str = setting("artifacts", "directory of OUT_DIR/RUN_ID/final_model.skc and submission.json (rank 0's disk)")
+    eval_only: int = setting(0, "1 = skip training; load ARTIFACT (read by rank 0, broadcast) and run the eval stack")
+    artifact: str = setting("", "artifact path for EVAL_ONLY")
+    val_max_tokens: int = setting(0, "truncate the val split to this many tokens (0 = full split); logged on every eval line")
+    compile: int = setting(-1, "torch.compile the training model and the eval forward (-1 = on for CUDA, off for CPU)")
 
     def validate(self):
-        """Fail before step 0 on impossible configs; compute derived values."""
-        kinds = ("attn", "skc", "koopman_ssm", "hybrid", "competition")
-        _require(self.architecture in kinds, f"ARCHITECTURE={self.architecture!r}: choose one of {kinds}")
+        _require(self.run_preset in ("",) + tuple(PRESETS), f"RUN_PRESET={self.run_preset!r} is unknown; choose one of "
+                 f"{sorted(PRESETS)} or leave it empty")
+        _require(not self.eval_only or self.artifact, "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact")
+        _require(self.val_max_tokens == 0 or self.val_max_tokens >= 2, f"VAL_MAX_TOKENS={self.val_max_tokens}: 0 (full) or >= 2")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines the network; stored in the artifact, so a reload rebuilds exactly this model."""
+    vocab_size: int = setting(8192, "model vocabulary; must equal the tokenizer's and the data's")
+    architecture: str = setting("", "layer-plan preset: attn | skc | koopman_ssm | hybrid | competition (empty: attn, or LAYER_KINDS)")
+    layer_kinds: str = setting("", "the layer plan: a comma list of NUM_LAYERS mixer kinds (attn, skc, koopman_ssm), e.g. attn,skc,attn,attn")
+    num_layers: int = setting(9, "transformer layers (U-Net: first half encoder, second half decoder)")
+    model_dim: int = setting(512, "residual width")
+    embed_dim: int = setting(0, "factorized embedding width (0 = MODEL_DIM, no projections)")
+    num_heads: int = setting(8, "query heads")
+    num_kv_heads: int = setting(4, "key/value heads (GQA); must divide NUM_HEADS")
+    mlp_mult: float = setting(2.0, "MLP hidden width = MLP_MULT * MODEL_DIM")
+    mlp_activation: str = setting("leaky_relu2", "leaky_relu2 (LeakyReLU(0.5)^2) | relu2")
+    bitnet_group_size: int = setting(128, "ternary quantization group (input weights per scale)")
+    rope_base: float = setting(10000.0, "RoPE base frequency")
+    rope_dims: int = setting(0, "rotary dims per head (partial RoPE; 0 = whole head)")
+    yarn_factor: float = setting(1.0, "YaRN context-extension factor over TRAIN_SEQ_LEN (1 = plain RoPE)")
+    qk_gain_init: float = setting(1.5, "initial per-head query gain (after QK RMSNorm)")
+    logit_softcap: float = setting(30.0, "logit soft cap value (0 = off)")
+    softcap_type: str = setting("poly", "poly (x/sqrt(1+(x/c)^2)) | tanh (c*tanh(x/c))")
+    train_seq_len: int = setting(1024, "training context length (the model's rotary tables and YaRN are built for it)")
+    parallel_residual_start: int = setting(-1, "layers >= this use the parallel block (mixer and MLP read one norm); -1 = none")
+    skc_layers: str = setting("", "ARCHITECTURE=competition: comma list of layer indices that are SKC layers (the rest attention)")
+    skc_num_capsules: int = setting(16, "SKC layer: capsules each position routes its spectral features to")
+    skc_capsule_dim: int = setting(64, "SKC layer: width of a capsule state")
+    skc_conv_kernel: int = setting(4, "SKC and Koopman layers: taps of the causal depthwise conv (left padding only)")
+    skc_block_size: int = setting(64, "SKC layer: period of the frequency-band routing term (position t mod SKC_BLOCK_SIZE)")
+    skc_parallel_residual: int = setting(0, "1 = SKC layers use the parallel block (SKC branch and MLP read one norm, one residual add)")
+    skc_amp_ramp_fraction: float = setting(0.1, "with SKC_PARALLEL_RESIDUAL: the SKC branch ramps 0 -> 1 over this training fraction")
+    skc_aux_entropy_fraction: float = setting(0.0, "weight of the mean capsule-routing entropy (nats) added to the loss per SKC layer; 0 = off")
+    reset_ssm_on_bos: int = setting(1, "1 = Koopman SSM state and conv restart at every BOS token (documents do not leak into each other)")
+    xsa_start_layer: int = setting(-1, "attention layers >= this remove the component along the token's own value vector (XSA); -1 = off")
+    vrl_enabled: int = setting(0, "1 = value residual: attention layers >= VRL_START_LAYER mix in the first attention layer's values")
+    vrl_start_layer: int = setting(1, "first layer index that mixes in the first attention layer's values (VRL_ENABLED=1)")
+    shared_blocks: int = setting(0, "distinct blocks; layer i runs block i % SHARED_BLOCKS with its own scales (0 = no sharing)")
+    recurrence_layers: str = setting("", "comma list of layer indices run again RECURRENCE_DEPTH extra times (depth recurrence)")
+    recurrence_depth: int = setting(1, "extra passes of each RECURRENCE_LAYERS layer")
+    recurrence_start_fraction: float = setting(0.0, "depth recurrence switches on at this training fraction (always on at eval)")
+    stochastic_depth: float = setting(0.0, "largest per-sample drop probability of a block's residual branches (last layer; linear in depth; training only)")
+    ternary_noise_scale: float = setting(0.0, "training-only Gaussian noise on latent ternary weights before quantization, times the group absmean; 0 = off")
+    turbo_quant_train: int = setting(0, "1 = Hadamard-rotate each ternary weight group before ternarization (TurboQuant), in training and in the artifact; BITNET_GROUP_SIZE a power of 2")
+    fp_storage: str = setting("fp16", "storage of non-ternary matrices: fp16 | fp8 | fp4 (trained through the same rounding)")
+    bigram_hash_enabled: int = setting(0, "1 = add hashed n-gram (engram) embeddings of the current and previous tokens to the residual")
+    bigram_hash_buckets: int = setting(4096, "rows per engram table (row 0 is reserved for n-grams without enough history or crossing a BOS)")
+    bigram_hash_dim: int = setting(64, "width of each engram table row")
+    engram_num_heads: int = setting(2, "engram tables per n-gram order, each with its own hash prime (1-4)")
+    engram_num_orders: int = setting(2, "n-gram orders: 1 = bigram, 2 = bi+trigram, 3 = bi+tri+4-gram")
+    engram_inject_layer: int = setting(0, "the gated engram vector is added to the residual before this layer")
+    capsule_enabled: int = setting(0, "1 = causal capsule bank (prefix-pooled states + Koopman predictor) at the U-Net midpoint")
+    capsule_num: int = setting(16, "capsules in the bank")
+    capsule_dim: int = setting(64, "width of each capsule state")
+    capsule_koopman_rank: int = setting(4, "rank of the low-rank part of the capsule bank's diagonal + low-rank Koopman predictor")
+    koopman_consistency_weight: float = setting(0.1, "weight of the aux loss: relative error of the predicted next capsule state (trains the predictor)")
+    koopman_speculative_steps: int = setting(1, "predictor steps applied to the pooled capsule state before it is read")
+    koopman_halt_threshold: float = setting(0.0, "stop a position's speculative steps once the update norm is below this (0 = never)")
+    feedback_enabled: int = setting(0, "1 = decoder layers read a causal sketch (prefix mean) of the encoder output via small adapters")
+    feedback_passes: int = setting(1, "refinements of the sketch (each pools the encoder output plus the previous sketch's read-back)")
+    moe_enabled: int = setting(0, "1 = the MLPs of the upper MOE_LAYER_FRAC of layers become mixtures of ternary experts")
+    moe_num_experts: int = setting(4, "experts per MoE layer")
+    moe_top_k: int = setting(1, "experts per token")
+    moe_layer_frac: float = setting(0.5, "fraction of layers (the upper ones) whose MLP is a MoE")
+    moe_start_fraction: float = setting(0.1, "training fraction from which routing is on; before it every token uses expert 0")
+    moe_aux_weight: float = setting(0.01, "weight of the Switch load-balancing loss (mean over tokens)")
+
+    @property
+    def head_dim(self):
+        return self.model_dim // self.num_heads
+
+    @property
+    def rotary_dims(self):
+        return self.rope_dims or self.head_dim
+
+    @property
+    def embed_width(self):
+        return self.embed_dim or self.model_dim
+
+    @property
+    def skc_layer_indices(self):
+        return _int_list("SKC_LAYERS", self.skc_layers)
+
+    @property
+    def recurrence_layer_indices(self):
+        return _int_list("RECURRENCE_LAYERS", self.recurrence_layers)
+
+    @classmethod
+    def from_artifact(cls, stored):
+        """The config an artifact's header holds (unknown keys ignored; renamed and list-valued keys of older
+        artifacts mapped to today's fields)."""
+        stored = {ARTIFACT_RENAMED_FIELDS.get(k, k): v for k, v in stored.items()}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in stored.items() if k in known}
+        return cls(**values)
+
+    def validate(self):
         _require(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         _require(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
-        self.head_dim = self.model_dim // self.num_heads
         _require(self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
-        self.rope_dims = self.rope_dims or self.head_dim
-        _require(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
-        self.embed_dim = self.embed_dim or self.model_dim
+        _require(self.rotary_dims % 2 == 0 and self.rotary_dims <= self.head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
         _require(self.mlp_activation in ("leaky_relu2", "relu2"), f"MLP_ACTIVATION={self.mlp_activation!r}: leaky_relu2 | relu2")
         _require(self.softcap_type in ("poly", "tanh"), f"SOFTCAP_TYPE={self.softcap_type!r}: poly | tanh")
-        _require(self.fp_storage in ("fp16", "fp8", "fp4", "0"), f"FP_STORAGE={self.fp_storage!r}: fp16 | fp8 | fp4")
-        self.fp_storage = "fp16" if self.fp_storage == "0" else self.fp_storage
+        _require(self.fp_storage in ("fp16", "fp8", "fp4"), f"FP_STORAGE={self.fp_storage!r}: fp16 | fp8 | fp4")
+        _require(self.vocab_size >= 2, f"VOCAB_SIZE={self.vocab_size} must be >= 2")
         _require(self.bitnet_group_size > 0, "BITNET_GROUP_SIZE must be positive")
         _require(self.num_layers >= 1, "NUM_LAYERS must be >= 1")
         _require(self.train_seq_len >= 2, "TRAIN_SEQ_LEN must be >= 2")
-        _require(self.train_batch_tokens % self.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        _require(self.max_wallclock_seconds > 0 or self.iterations > 0, "set MAX_WALLCLOCK_SECONDS or ITERATIONS > 0")
-        _require(0 <= self.warmup_fraction + self.warmdown_fraction <= 1, "WARMUP_FRACTION + WARMDOWN_FRACTION must be in [0, 1]")
-        _require(self.ema_horizon_fraction > 0, f"EMA_HORIZON_FRACTION={self.ema_horizon_fraction} must be > 0")
-        _require(self.loss_runaway_ratio == 0 or self.loss_runaway_ratio > 1, f"LOSS_RUNAWAY_RATIO={self.loss_runaway_ratio} "
-                 "must be 0 (off) or > 1 (a trained model beats a uniform guess)")
-        self.skc_layers = tuple(int(s) for s in self.skc_layers.split(",") if s.strip())
-        _require(all(0 <= i < self.num_layers for i in self.skc_layers), f"SKC_LAYERS={self.skc_layers} must index layers 0..{self.num_layers - 1}")
-        self.validate_layer_options()
-        self.eval_seq_len = self.eval_seq_len or self.train_seq_len
-        _require(1 <= self.sliding_eval_stride <= self.eval_seq_len, f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
-        _require(not self.eval_only or self.artifact, "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact")
-        scopes = ("scales", "skc_safe", "capsule_bank", "all")
-        _require(self.ttt_scope in scopes, f"TTT_SCOPE={self.ttt_scope!r}: choose one of {scopes}")
-        _require(self.ttt_chunk_tokens >= 1 and self.ttt_epochs >= 0 and self.ttt_batch_seqs >= 1, "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be >= 1, TTT_EPOCHS >= 0")
-        _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
-        _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
-        _require(0.0 <= self.ngram_alpha_max < 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1): at 1 a target "
-                 "the cache never saw would get probability 0 (infinite loss)")
-        self.eval_engram_order_list = tuple(int(s) for s in self.eval_engram_orders.split(",") if s.strip().isdigit())
-        _require(len(self.eval_engram_order_list) == len(self.eval_engram_orders.split(",")) and min(self.eval_engram_order_list, default=0) >= 2,
-                 f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
-        _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
-        _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
-        self.validate_addons()
-        _require(not (self.moe_enabled and self.shared_blocks), "MOE_ENABLED=1 with SHARED_BLOCKS > 0 is not supported: set one of them to 0")
-        self.validate_export()
-        self.run_id = self.run_id or f"run_{uuid.uuid4().hex[:8]}"
-
-    def validate_addons(self):
-        _require(self.bigram_hash_buckets >= 2, f"BIGRAM_HASH_BUCKETS={self.bigram_hash_buckets} must be >= 2 (row 0 is reserved)")
-        _require(self.bigram_hash_dim >= 1 and 1 <= self.engram_num_heads <= 4, "BIGRAM_HASH_DIM must be >= 1 and ENGRAM_NUM_HEADS in 1..4")
-        _require(1 <= self.engram_num_orders <= 3, f"ENGRAM_NUM_ORDERS={self.engram_num_orders}: 1 (bigram) .. 3 (up to 4-grams)")
-        _require(0 <= self.engram_inject_layer < self.num_layers, f"ENGRAM_INJECT_LAYER={self.engram_inject_layer} must index layers 0..{self.num_layers - 1}")
-        _require(min(self.capsule_num, self.capsule_dim, self.koopman_rank) >= 1, "CAPSULE_NUM, CAPSULE_DIM and KOOPMAN_RANK must be >= 1")
-        _require(self.koopman_speculative_steps >= 1, f"KOOPMAN_SPECULATIVE_STEPS={self.koopman_speculative_steps} must be >= 1")
-        _require(not self.capsule_carry_eval or self.capsule_enabled, "CAPSULE_CARRY_EVAL=1 needs CAPSULE_ENABLED=1")
-        _require(self.feedback_passes >= 1, f"FEEDBACK_PASSES={self.feedback_passes} must be >= 1")
-        _require(1 <= self.moe_top_k <= self.moe_num_experts, f"MOE_TOP_K={self.moe_top_k} must be in 1..MOE_NUM_EXPERTS={self.moe_num_experts}")
-        _require(0 < self.moe_layer_frac <= 1 and 0 <= self.moe_start_fraction <= 1, "MOE_LAYER_FRAC must be in (0, 1] and MOE_START_FRACTION in [0, 1]")
-
-    def validate_layer_options(self):
-        """SKC / Koopman layers, XSA, VRL, shared blocks, recurrence, regularizers, curriculum."""
+        _require(all(0 <= i < self.num_layers for i in self.skc_layer_indices), f"SKC_LAYERS={self.skc_layers} must index layers 0..{self.num_layers - 1}")
         for name in ("skc_num_capsules", "skc_capsule_dim", "skc_conv_kernel", "skc_block_size", "recurrence_depth"):
             _require(getattr(self, name) >= 1, f"{name.upper()}={getattr(self, name)} must be >= 1")
         _require(0 <= self.skc_amp_ramp_fraction <= 1, f"SKC_AMP_RAMP_FRACTION={self.skc_amp_ramp_fraction} must be in [0, 1]")
@@ -303,36 +203,235 @@ class Hyperparameters:
         _require(self.xsa_start_layer >= -1, f"XSA_START_LAYER={self.xsa_start_layer} must be -1 (off) or a layer index")
         _require(self.vrl_start_layer >= 0, f"VRL_START_LAYER={self.vrl_start_layer} must be >= 0")
         _require(0 <= self.shared_blocks <= self.num_layers, f"SHARED_BLOCKS={self.shared_blocks} must be in [0, NUM_LAYERS={self.num_layers}]")
-        try:
-            recurrence_layers = [int(s) for s in self.recurrence_layers.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"RECURRENCE_LAYERS={self.recurrence_layers!r} must be a comma list of layer indices") from None
-        _require(all(0 <= i < self.num_layers for i in recurrence_layers), f"RECURRENCE_LAYERS={self.recurrence_layers} must index layers 0..{self.num_layers - 1}")
+        _require(all(0 <= i < self.num_layers for i in self.recurrence_layer_indices), f"RECURRENCE_LAYERS={self.recurrence_layers} must index layers 0..{self.num_layers - 1}")
         _require(0 <= self.recurrence_start_fraction <= 1, f"RECURRENCE_START_FRACTION={self.recurrence_start_fraction} must be in [0, 1]")
         _require(0 <= self.stochastic_depth < 1, f"STOCHASTIC_DEPTH={self.stochastic_depth} must be in [0, 1)")
         _require(self.ternary_noise_scale >= 0, f"TERNARY_NOISE_SCALE={self.ternary_noise_scale} must be >= 0")
-        if self.curriculum_enabled:
-            power_of_two = lambda n: n > 0 and n & (n - 1) == 0
-            _require(power_of_two(self.train_seq_len), f"CURRICULUM_ENABLED=1 needs TRAIN_SEQ_LEN={self.train_seq_len} to be a power of two")
-            _require(power_of_two(self.curriculum_min_seq_len) and self.curriculum_min_seq_len <= self.train_seq_len,
-                     f"CURRICULUM_MIN_SEQ_LEN={self.curriculum_min_seq_len} must be a power of two <= TRAIN_SEQ_LEN={self.train_seq_len}")
-            _require(0 < self.curriculum_end_fraction <= 1, f"CURRICULUM_END_FRACTION={self.curriculum_end_fraction} must be in (0, 1]")
-
-    def validate_export(self):
-        _require(self.ternary_clip_mode in ("none", "percentile", "row_std"), f"TERNARY_CLIP_MODE={self.ternary_clip_mode!r}: none | percentile | row_std")
         group = self.bitnet_group_size
         _require(not self.turbo_quant_train or group & (group - 1) == 0, f"TURBO_QUANT_TRAIN=1 needs BITNET_GROUP_SIZE a power of 2 (got {group})")
-        _require(self.calib_tokens > self.train_seq_len, f"CALIB_TOKENS={self.calib_tokens} must exceed TRAIN_SEQ_LEN={self.train_seq_len}")
+        self.validate_addons()
+
+    def validate_addons(self):
+        _require(self.bigram_hash_buckets >= 2, f"BIGRAM_HASH_BUCKETS={self.bigram_hash_buckets} must be >= 2 (row 0 is reserved)")
+        _require(self.bigram_hash_dim >= 1 and 1 <= self.engram_num_heads <= 4, "BIGRAM_HASH_DIM must be >= 1 and ENGRAM_NUM_HEADS in 1..4")
+        _require(1 <= self.engram_num_orders <= 3, f"ENGRAM_NUM_ORDERS={self.engram_num_orders}: 1 (bigram) .. 3 (up to 4-grams)")
+        _require(0 <= self.engram_inject_layer < self.num_layers, f"ENGRAM_INJECT_LAYER={self.engram_inject_layer} must index layers 0..{self.num_layers - 1}")
+        _require(min(self.capsule_num, self.capsule_dim, self.capsule_koopman_rank) >= 1, "CAPSULE_NUM, CAPSULE_DIM and CAPSULE_KOOPMAN_RANK must be >= 1")
+        _require(self.koopman_speculative_steps >= 1, f"KOOPMAN_SPECULATIVE_STEPS={self.koopman_speculative_steps} must be >= 1")
+        _require(self.feedback_passes >= 1, f"FEEDBACK_PASSES={self.feedback_passes} must be >= 1")
+        _require(1 <= self.moe_top_k <= self.moe_num_experts, f"MOE_TOP_K={self.moe_top_k} must be in 1..MOE_NUM_EXPERTS={self.moe_num_experts}")
+        _require(0 < self.moe_layer_frac <= 1 and 0 <= self.moe_start_fraction <= 1, "MOE_LAYER_FRAC must be in (0, 1] and MOE_START_FRACTION in [0, 1]")
+        _require(not (self.moe_enabled and self.shared_blocks), "MOE_ENABLED=1 with SHARED_BLOCKS > 0 is not supported: set one of them to 0")
+
+
+@dataclass
+class TrainConfig:
+    train_batch_tokens: int = setting(524288, "global tokens per optimizer step, independent of world size")
+    grad_accum_steps: int = setting(0, "micro-batches per step summed over ranks (0 = 8 on CUDA, 1 on CPU)")
+    iterations: int = setting(20000, "maximum optimizer steps (the wallclock usually stops first)")
+    max_wallclock_seconds: float = setting(600.0, "training-time budget, including every read of train data after the loop (0 = use ITERATIONS)")
+    train_data_reserve_seconds: float = setting(-1.0, "seconds of MAX_WALLCLOCK_SECONDS kept for the post-loop work that reads train data (calibration, pruning, temperature fit); -1 = their limits summed")
+    warmup_steps: int = setting(20, "compile warm-up steps; weights, optimizer and data are restored after them")
+    train_log_every: int = setting(50, "log a train line every N steps")
+    val_loss_every: int = setting(0, "evaluate on val every N steps during training (0 = only at the end)")
+    matrix_lr: float = setting(0.04, "Muon learning rate of block matrices")
+    embed_lr: float = setting(0.05, "AdamW learning rate of the tied embedding")
+    scalar_lr: float = setting(0.04, "AdamW learning rate of scales, gains and norms")
+    muon_momentum: float = setting(0.95, "Muon Nesterov momentum after warm-up")
+    muon_momentum_warmup_start: float = setting(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = setting(300, "steps of linear momentum warm-up")
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations")
+    muon_eq_r: int = setting(1, "1 = equilibrate rows of the update before Newton-Schulz (MuonEq-R)")
+    muon_wd: float = setting(0.0, "decoupled weight decay of Muon matrices")
+    adam_wd: float = setting(0.0, "decoupled weight decay of the embedding (scalars never decay)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip_norm: float = setting(1.0, "global grad-norm clip (0 = off)")
+    loss_runaway_ratio: float = setting(2.0, "stop (no artifact) when the train loss exceeds this times ln(VOCAB_SIZE), the loss of a uniform guess (0 = off)")
+    warmup_fraction: float = setting(0.02, "LR warm-up, as a fraction of the training budget")
+    warmdown_fraction: float = setting(0.4, "LR linear warm-down to zero over the last fraction of the budget")
+    ema_enabled: int = setting(1, "keep an EMA of the weights and export it")
+    ema_horizon_fraction: float = setting(0.05, "EMA time constant as a fraction of the run: per-step decay exp(-(training fraction advanced) / this)")
+    ema_start_fraction: float = setting(0.5, "the EMA shadow starts from the live weights at this budget fraction")
+    curriculum_enabled: int = setting(0, "1 = sequence-length curriculum at constant tokens per step (training only)")
+    curriculum_min_seq_len: int = setting(128, "curriculum start length (a power of two <= TRAIN_SEQ_LEN)")
+    curriculum_end_fraction: float = setting(0.3, "training fraction at which the curriculum reaches TRAIN_SEQ_LEN")
+
+    def validate(self):
+        _require(self.max_wallclock_seconds > 0 or self.iterations > 0, "set MAX_WALLCLOCK_SECONDS or ITERATIONS > 0")
+        _require(0 <= self.warmup_fraction + self.warmdown_fraction <= 1, "WARMUP_FRACTION + WARMDOWN_FRACTION must be in [0, 1]")
+        _require(self.ema_horizon_fraction > 0, f"EMA_HORIZON_FRACTION={self.ema_horizon_fraction} must be > 0")
+        _require(self.loss_runaway_ratio == 0 or self.loss_runaway_ratio > 1, f"LOSS_RUNAWAY_RATIO={self.loss_runaway_ratio} "
+                 "must be 0 (off) or > 1 (a trained model beats a uniform guess)")
+        _require(self.train_data_reserve_seconds == -1 or self.train_data_reserve_seconds >= 0,
+                 f"TRAIN_DATA_RESERVE_SECONDS={self.train_data_reserve_seconds}: -1 (automatic) or >= 0")
+
+
+@dataclass
+class ExportConfig:
+    code_bytes: int = setting(0, "override the code-byte count (0 = measure the built submission script)")
+    gptq_lite_enabled: int = setting(0, "1 = per-tensor clip search before ternarization (TERNARY_CLIP_MODE); keeps the clip with the least reconstruction error, no clip included")
+    ternary_clip_mode: str = setting("row_std", "clip candidates: none | percentile (|w| quantiles of the tensor) | row_std (k * row std)")
+    ternary_scale_search: int = setting(0, "1 = calibrate a per-tensor ternary scale multiplier (0.8..1.2) on held-out TRAIN tokens by coordinate search")
+    ternary_threshold_search: int = setting(0, "1 = calibrate a per-tensor ternary zero threshold (0.35..0.65 of the scale) the same way")
+    calib_tokens: int = setting(65536, "calibration tokens: the last CALIB_TOKENS + 1 of the train shards, held out of training when used (never val)")
+    calib_max_evals: int = setting(256, "calibration budget: calibration-loss evaluations")
+    calib_max_seconds: float = setting(60.0, "calibration budget: seconds of search (rank 0 searches, the others wait; at most 300)")
+    export_aligned_train: int = setting(0, "1 = run clip search + calibration once at EXPORT_ALIGNED_START_FRACTION of training and keep training through them")
+    export_aligned_start_fraction: float = setting(0.85, "training fraction at which EXPORT_ALIGNED_TRAIN calibrates (the time counts as training time)")
+    engram_prune_min_hits: int = setting(0, "at export, zero and drop rows of hit-counted tables (count_row_hits) with fewer hits over the calibration tokens (0 = off)")
+
+    @property
+    def export_search(self):
+        """True when clip search or calibration changes the export (each reads held-out train tokens but clips)."""
+        return bool(self.gptq_lite_enabled and self.ternary_clip_mode != "none" or self.ternary_scale_search
+                    or self.ternary_threshold_search)
+
+    def validate(self):
+        _require(self.ternary_clip_mode in ("none", "percentile", "row_std"), f"TERNARY_CLIP_MODE={self.ternary_clip_mode!r}: none | percentile | row_std")
         _require(0 < self.calib_max_seconds <= 300, f"CALIB_MAX_SECONDS={self.calib_max_seconds} must be in (0, 300] (other ranks wait on rank 0)")
-        self.export_search = bool(self.gptq_lite_enabled and self.ternary_clip_mode != "none" or self.ternary_scale_search
-                                  or self.ternary_threshold_search)
         _require(not self.export_aligned_train or self.export_search, "EXPORT_ALIGNED_TRAIN=1 has nothing to align: set GPTQ_LITE_ENABLED=1, "
                  "TERNARY_SCALE_SEARCH=1 or TERNARY_THRESHOLD_SEARCH=1")
         _require(0 <= self.export_aligned_start_fraction < 1, f"EXPORT_ALIGNED_START_FRACTION={self.export_aligned_start_fraction} must be in [0, 1)")
         _require(self.engram_prune_min_hits >= 0, "ENGRAM_PRUNE_MIN_HITS must be >= 0")
 
+
+@dataclass
+class EvalConfig:
+    eval_batch_seqs: int = setting(32, "sequences per eval forward pass")
+    eval_seq_len: int = setting(0, "eval context length (0 = TRAIN_SEQ_LEN)")
+    sliding_eval: int = setting(0, "1 = add the sliding-window stage")
+    sliding_eval_stride: int = setting(64, "sliding-window stride: each later window scores its last STRIDE tokens")
+    sliding_batch_size: int = setting(32, "windows per forward pass in the sliding stage")
+    eval_max_seconds: float = setting(0.0, "eval budget: a stage whose projected time (after its first batch or chunk) would pass it is skipped (0 = none)")
+    temp_scaling: int = setting(0, "1 = fit one softmax temperature on held-out train tokens inside the training budget, store it in the artifact; stages after roundtrip use it")
+    temp_fit_tokens: int = setting(65536, "the last TEMP_FIT_TOKENS of the train shards, held out of training, for TEMP_SCALING (never val)")
+    capsule_carry_eval: int = setting(0, "1 = add the eval stage that carries capsule state across consecutive, already-scored windows")
+    ttt_enabled: int = setting(0, "1 = add the legal test-time-training stage: score a chunk, then adapt on it, then the next chunk")
+    ttt_scope: str = setting("scales", "TTT params: scales (route scalar) | skc_safe (+ the skc TTT group) | capsule_bank | all")
+    ttt_lr: float = setting(0.005, "TTT SGD learning rate")
+    ttt_epochs: int = setting(1, "TTT passes over each scored chunk")
+    ttt_chunk_tokens: int = setting(32768, "scored targets per chunk of the chunked stages (TTT, caches, budget projection)")
+    ttt_momentum: float = setting(0.9, "TTT SGD momentum (the buffer persists across chunks)")
+    ttt_batch_seqs: int = setting(32, "sequences per TTT step")
+    ttt_grad_clip: float = setting(1.0, "TTT grad-norm clip (0 = off)")
+    freeze_packed_engram: int = setting(1, "0 = TTT may adapt ttt_group=engram params; 1 = frozen; 2 = frozen and raise if they drift")
+    ngram_cache_enabled: int = setting(0, "1 = add the stage mixing a backoff n-gram model of already-scored val tokens into the probs")
+    ngram_max_order: int = setting(5, "n-gram cache: highest order (context length + 1); backs off to lower orders down to unigram")
+    ngram_buckets: int = setting(4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)")
+    ngram_alpha_base: float = setting(0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))")
+    ngram_alpha_scale: float = setting(0.55, "n-gram mix weight: entropy-dependent part")
+    ngram_entropy_center: float = setting(4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint")
+    ngram_alpha_max: float = setting(0.6, "n-gram mix weight: upper bound, in [0, 1)")
+    eval_engram_enabled: int = setting(0, "1 = add the stage with hashed n-gram -> next-token count tables as a logit correction")
+    eval_engram_buckets: int = setting(4096, "EvalEngram: context buckets per order and head (each a row of VOCAB_SIZE fp32 counts)")
+    eval_engram_heads: int = setting(2, "EvalEngram: hash functions per order (count-min: the smallest count is used)")
+    eval_engram_orders: str = setting("2,3", "EvalEngram: comma list of n-gram orders (context = order - 1 tokens)")
+    eval_engram_alpha: float = setting(0.3, "EvalEngram: weight of the log-probability correction added to the logits")
+    eval_engram_entropy_threshold: float = setting(2.0, "EvalEngram: correct only positions whose model entropy (nats) exceeds this")
+    eval_engram_laplace: float = setting(0.1, "EvalEngram: additive smoothing of the counts")
+    eval_engram_max_memory_fraction: float = setting(0.25, "EvalEngram: tables may use at most this fraction of device memory (CPU: of 4 GiB)")
+
+    @property
+    def eval_engram_order_list(self):
+        return _int_list("EVAL_ENGRAM_ORDERS", self.eval_engram_orders)
+
+    def validate(self):
+        scopes = ("scales", "skc_safe", "capsule_bank", "all")
+        _require(self.ttt_scope in scopes, f"TTT_SCOPE={self.ttt_scope!r}: choose one of {scopes}")
+        _require(self.ttt_chunk_tokens >= 1 and self.ttt_epochs >= 0 and self.ttt_batch_seqs >= 1, "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be >= 1, TTT_EPOCHS >= 0")
+        _require(self.eval_batch_seqs >= 1 and self.sliding_batch_size >= 1, "EVAL_BATCH_SEQS and SLIDING_BATCH_SIZE must be >= 1")
+        _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
+        _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
+        _require(0.0 <= self.ngram_alpha_max < 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1): at 1 a target "
+                 "the cache never saw would get probability 0 (infinite loss)")
+        orders = self.eval_engram_order_list
+        _require(bool(orders) and min(orders) >= 2, f"EVAL_ENGRAM_ORDERS={self.eval_engram_orders!r}: a comma list of integer orders >= 2, e.g. 2,3")
+        _require(self.eval_engram_buckets >= 1 and self.eval_engram_heads >= 1 and self.eval_engram_laplace > 0, "EVAL_ENGRAM_BUCKETS, EVAL_ENGRAM_HEADS must be >= 1 and EVAL_ENGRAM_LAPLACE > 0")
+        _require(self.temp_fit_tokens >= 2, "TEMP_FIT_TOKENS must be >= 2")
+
+
+SECTIONS = {"run": RunConfig, "model": ModelConfig, "train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}
+
+RETIRED = {  # env vars that were settings once: set, they are an error naming what replaced them
+    "EMA_DECAY": "EMA_HORIZON_FRACTION (the EMA's time constant as a fraction of the run, the same at any step count)",
+    "TURBO_QUANT_EXPORT": "TURBO_QUANT_TRAIN alone (the artifact always stores the codes the model trained through)",
+    "KOOPMAN_RANK": "CAPSULE_KOOPMAN_RANK (the capsule bank's predictor rank; the Koopman SSM layer's correction rank is fixed)",
+}
+ARTIFACT_RENAMED_FIELDS = {"koopman_rank": "capsule_koopman_rank"}  # model-config keys of artifacts written before
+
+# build_submission.py writes here the settings it folded into the built script ({NAME: value}); such a script
+# refuses an environment that sets one of them to another value instead of silently running the folded code.
+FOLDED_SETTINGS = {}
+
+
+def env_fields():
+    """(section name, dataclass field) of every env var, in declaration order."""
+    return [(name, f) for name, section in SECTIONS.items() for f in dataclasses.fields(section)]
+
+
+@dataclass
+class Config:
+    """The resolved config: one instance of each section. `explicit` = the env vars set in the environment."""
+    run: RunConfig
+    model: ModelConfig
+    train: TrainConfig
+    export: ExportConfig
+    eval: EvalConfig
+    explicit: frozenset = frozenset()
+
+    @classmethod
+    def from_env(cls, environ=None):
+        environ = os.environ if environ is None else environ
+        for name, replacement in RETIRED.items():
+            if name in environ:
+                raise ConfigError(f"{name} is no longer a setting: use {replacement}")
+        preset_name = environ.get("RUN_PRESET", "")
+        if preset_name and preset_name not in PRESETS:
+            raise ConfigError(f"RUN_PRESET={preset_name!r} is unknown; choose one of {sorted(PRESETS)} or leave it empty")
+        preset, values = PRESETS.get(preset_name, {}), {name: {} for name in SECTIONS}
+        for section, f in env_fields():
+            name = f.name.upper()
+            values[section][f.name] = _cast(name, environ.get(name, preset.get(name, f.default)), type(f.default))
+        for name, folded in FOLDED_SETTINGS.items():
+            section = next(s for s, f in env_fields() if f.name.upper() == name)
+            if name in environ and values[section][name.lower()] != folded:
+                raise ConfigError(f"{name}={environ[name]!r}: this submission script was built for {name}={folded!r} "
+                                  "(build_submission.py folded that value into the code); unset it, or rebuild the script with it")
+        explicit = frozenset(name for _, f in env_fields() if (name := f.name.upper()) in environ)
+        config = cls(**{name: SECTIONS[name](**kwargs) for name, kwargs in values.items()}, explicit=explicit)
+        config.validate()
+        return config
+
+    def replace(self, section, **changes):
+        """A copy with some fields of one section changed (e.g. the smoke preset's built corpus), re-validated."""
+        config = dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        config.validate()
+        return config
+
+    @property
+    def eval_seq_len(self):
+        return self.eval.eval_seq_len or self.model.train_seq_len
+
+    def validate(self):
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        model, train, export, eval_ = self.model, self.train, self.export, self.eval
+        _require(train.train_batch_tokens % model.train_seq_len == 0, f"TRAIN_BATCH_TOKENS={train.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={model.train_seq_len}")
+        _require(export.calib_tokens > model.train_seq_len, f"CALIB_TOKENS={export.calib_tokens} must exceed TRAIN_SEQ_LEN={model.train_seq_len}")
+        _require(1 <= eval_.sliding_eval_stride <= self.eval_seq_len, f"SLIDING_EVAL_STRIDE={eval_.sliding_eval_stride} must be in [1, EVAL_SEQ_LEN={self.eval_seq_len}]")
+        _require(not eval_.capsule_carry_eval or model.capsule_enabled, "CAPSULE_CARRY_EVAL=1 needs CAPSULE_ENABLED=1")
+        if train.curriculum_enabled:
+            power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+            _require(power_of_two(model.train_seq_len), f"CURRICULUM_ENABLED=1 needs TRAIN_SEQ_LEN={model.train_seq_len} to be a power of two")
+            _require(power_of_two(train.curriculum_min_seq_len) and train.curriculum_min_seq_len <= model.train_seq_len,
+                     f"CURRICULUM_MIN_SEQ_LEN={train.curriculum_min_seq_len} must be a power of two <= TRAIN_SEQ_LEN={model.train_seq_len}")
+            _require(0 < train.curriculum_end_fraction <= 1, f"CURRICULUM_END_FRACTION={train.curriculum_end_fraction} must be in (0, 1]")
+
     def as_dict(self):
-        return {name: getattr(self, name.lower()) for name, _, _ in SPEC}
+        """{NAME: value} of every env var (what the log's config line and submission.json hold)."""
+        return {f.name.upper(): getattr(getattr(self, section), f.name) for section, f in env_fields()}
 
 
 def _cast(name, raw, kind):
@@ -349,15 +448,25 @@ def _require(condition, message):
         raise ConfigError(message)
 
 
+def _int_list(name, text):
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} must be a comma list of integers") from None
+
+
 def env_table_markdown():
-    """The README's env-var table, generated from SPEC so the two cannot drift."""
+    """README's env-var table, one block per config section, generated from the fields so the two cannot drift."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{n}` | `{d!r}` | {m} |" for n, d, m in SPEC]
+    for section, f in env_fields():
+        lines.append(f"| `{f.name.upper()}` | `{f.default!r}` | ({section}) {f.metadata['help']} |")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------------------------------------------
 # DISTRIBUTED + LOGGING
-# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. Nothing else in the file reads them.
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU. Nothing else in the file reads them. Every
+# helper is a no-op at world size 1, so the optimizer, export and eval run unchanged without a process group. Ranks
+# share nothing but the process group: no shared filesystem is assumed (rank 0 broadcasts what only it has).
 # -----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -385,15 +494,51 @@ def init_distributed():
     return Dist(rank, world, local_rank, device)
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def all_reduce_max(tensor):
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (any picklable object: a run id, an artifact's bytes)."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
+
+
+def resolve_run_id(run_cfg):
+    """RUN_ID, or a random id drawn by rank 0 and broadcast: every rank must name the same run (its artifact path)."""
+    return broadcast_object(run_cfg.run_id or f"run_{uuid.uuid4().hex[:8]}")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU (exact and fast enough for tiny models)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Logger:
@@ -409,21 +554,31 @@ class Logger:
     def __call__(self, message, console=True):
         if not self.is_main:
             return
-        if console:
-            print(message, flush=True)
+        if console:  # one write per line: ranks sharing a pipe (torchrun) never interleave inside a line
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
         with open(self.path, "a") as f:
             f.write(message + "\n")
 
 
+EXACT_LOG_KEYS = frozenset({"val_bpb", "val_loss", "prequant_bpb", "roundtrip_bpb", "delta_bpb", "temperature"})  # full precision
+
+
 def kv(event, **fields):
-    """One grep-able log line: `event key:value key:value`."""
-    parts = [event] + [f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}" for k, v in fields.items()]
-    return " ".join(parts)
+    """One grep-able log line: `event key:value key:value`. The event name is a fixed word; values are fields.
+    Floats print with 4 decimals, but BPB and loss keys (EXACT_LOG_KEYS) exactly (repr), so a logged score is the score."""
+    def text(key, value):
+        if isinstance(value, float) and key not in EXACT_LOG_KEYS:
+            return f"{value:.4f}"
+        return repr(value) if isinstance(value, float) else str(value)
+    return " ".join([event] + [f"{k}:{text(k, v)}" for k, v in fields.items()])
 
 # -----------------------------------------------------------------------------------------------------------------
 # DATA
 # Challenge shards: 256 little-endian int32 header (magic 20240520, version 1, token count), then uint16 tokens.
 # Every check runs before training: a bad shard is an error naming the file, never a silent crash at step 5000.
+# The last tokens of the train stream can be held out of training for what reads train data after the loop
+# (calibration, pruning, the temperature fit): those reads happen inside the training budget (TRAIN section).
 # -----------------------------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
@@ -561,6 +716,95 @@ class DistributedTokenLoader:
             self.prefetched = None
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
+
+def train_tail(data_path, vocab_size, count):
+    """The last `count` tokens of the train shards (spanning shards from the end) as int64. The training loader
+    never reads them when a feature that uses them is on (heldout_tokens); val is never read."""
+    need, chunks = count, []
+    for path in reversed(shard_paths(data_path, "train")):
+        shard = load_shard(path, vocab_size)
+        chunks.insert(0, np.asarray(shard[max(0, len(shard) - need):]))
+        need -= len(chunks[0])
+        if need <= 0:
+            break
+    if need > 0:
+        raise ConfigError(f"{count} held-out tokens (CALIB_TOKENS / TEMP_FIT_TOKENS) exceed the train shards in DATA_PATH={data_path}; lower them")
+    return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+
+
+def heldout_tokens(export_cfg, eval_cfg):
+    """Train tokens at the end of the stream kept out of training for calibration, clip search, row pruning
+    (CALIB_TOKENS + 1) and temperature fitting (TEMP_FIT_TOKENS); 0 when none of them is on."""
+    calibrating = export_cfg.export_search or export_cfg.engram_prune_min_hits or export_cfg.export_aligned_train
+    return max(export_cfg.calib_tokens + 1 if calibrating else 0, eval_cfg.temp_fit_tokens if eval_cfg.temp_scaling else 0)
+
+
+# The smoke preset's corpus: without ../shared, the project's own docs and sources, the first 300 paragraphs as val.
+REPO_DIR = Path(__file__).resolve().parent
+SHARED_DIR = REPO_DIR.parent / "shared"
+OWN_TEXT_VAL_PARAGRAPHS = 300
+OWN_TEXT_SUFFIXES = (".md", ".py", ".sh", ".txt")
+
+
+def own_text_files(repo_dir=REPO_DIR):
+    """The project's own docs and sources (not hidden folders, logs, artifacts or data)."""
+    return sorted(str(p) for p in repo_dir.rglob("*") if p.suffix in OWN_TEXT_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") or part in ("logs", "artifacts", "data")
+                              for part in p.relative_to(repo_dir).parts[:-1]))
+
+
+def train_own_tokenizer(corpus, out_dir, vocab_size=1024):
+    """A small BPE SentencePiece model (byte fallback, BOS id 1 like the challenge's) on the given text files;
+    deterministic (one thread), so every node of a multi-node run trains the same one."""
+    import sentencepiece as spm
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_path = out_dir / "tokenizer_text.txt"
+    text_path.write_text("\n".join(Path(p).read_text(errors="replace") for p in corpus))
+    spm.SentencePieceTrainer.train(input=str(text_path), model_prefix=str(out_dir / "own_bpe"), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2,
+                                   unk_id=3, pad_id=0, minloglevel=2, num_threads=1)
+    return str(out_dir / "own_bpe.model")
+
+
+def prepare_smoke_data(run_cfg, run, log):
+    """RUN_PRESET=smoke: tokenize a small corpus into a folder under DATA_PATH, once per node (local rank 0 builds;
+    nodes need no shared filesystem). Default corpus: a slice of ../shared/corpus with the official sp8192 tokenizer;
+    without ../shared, the project's own docs and sources with a tokenizer trained on them (said loudly in the log).
+    Returns (data path, tokenizer path, vocab size) for the caller to put into the config."""
+    from data import tokenize_corpus  # the data tools' shard pipeline (data/tokenize_corpus.py)
+    corpus = [p for pattern in run_cfg.corpus.split(",") if pattern.strip() for p in sorted(glob.glob(pattern.strip()))]
+    shared_train = SHARED_DIR / "corpus" / "fineweb.train_1mb.jsonl"
+    if run_cfg.corpus and not corpus:
+        raise ConfigError(f"CORPUS={run_cfg.corpus!r} matches no files")
+    own_text = not corpus and not shared_train.is_file()
+    if own_text:
+        corpus = own_text_files()
+        log("smoke: WARNING no ../shared/corpus found; the corpus is this project's own docs and sources "
+            f"({len(corpus)} files) and the tokenizer is trained on them. BPB is not comparable to FineWeb runs.")
+    elif not corpus:
+        corpus = [str(shared_train)]
+    tokenizer = run_cfg.tokenizer_path or str(SHARED_DIR / "tokenizers" / "fineweb_8192_bpe.model")
+    key = hashlib.sha256(json.dumps([corpus, tokenizer if not own_text else "own"]).encode()).hexdigest()[:10]
+    data_path = Path(run_cfg.data_path) / key
+    if run.local_rank == 0 and not (data_path / "meta.json").is_file():
+        if own_text or not Path(tokenizer).is_file():
+            tokenizer = train_own_tokenizer(corpus, data_path)
+        val_file = SHARED_DIR / "corpus" / "fineweb.val.jsonl"
+        if val_file.is_file() and not own_text:
+            val_path = data_path / "val_docs.jsonl"
+            data_path.mkdir(parents=True, exist_ok=True)
+            with open(val_file) as src:
+                val_path.write_text("".join(line for _, line in zip(range(40), src)))
+            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_file=str(val_path), workers=1, log=log)
+        else:
+            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_docs=OWN_TEXT_VAL_PARAGRAPHS,
+                                                   workers=1, split_paragraphs=own_text, log=log)
+        log(kv("smoke_data", path=data_path, train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"]))
+    barrier()
+    meta = json.loads((data_path / "meta.json").read_text())
+    return str(data_path), meta["tokenizer_path"], meta["vocab_size"]
+
 # -----------------------------------------------------------------------------------------------------------------
 # TOKENIZER + BPB
 # Bits per byte exactly as the challenge counts them: per-token byte counts from the SentencePiece model, sums in
@@ -595,6 +839,15 @@ def check_data_matches_tokenizer(data_path, tokenizer_path, vocab_size):
     if meta.get("tokenizer_sha256") not in (None, digest):
         raise ConfigError(f"{meta_path}: the shards were tokenized with {meta.get('tokenizer_path')} (sha256 {meta['tokenizer_sha256'][:12]}) "
                           f"but TOKENIZER_PATH={tokenizer_path} has sha256 {digest[:12]}")
+
+
+def check_ranks_agree(tokenizer_path, val_tokens, run):
+    """Every rank (each with its own disk) must score the same val tokens with the same tokenizer as rank 0."""
+    mine = (hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest(),
+            hashlib.sha256(val_tokens.numpy().tobytes()).hexdigest())
+    if broadcast_object(mine) != mine:
+        raise ConfigError(f"rank {run.rank}: TOKENIZER_PATH={tokenizer_path} or the val shards differ from rank 0's "
+                          "(each node reads its own disk): give every node the same tokenizer and data")
 
 
 def build_byte_tables(sp, vocab_size):
@@ -635,6 +888,16 @@ def bits_per_byte(nll_sum, byte_sum):
 # estimator), export and reload, so the reloaded artifact computes exactly what the trained model computed.
 # -----------------------------------------------------------------------------------------------------------------
 
+def fp32_region(fn):
+    """Run `fn` with autocast off (CUDA and CPU): quantizers and scans compute in float32 whether the caller is a
+    bf16-autocast training forward or the fp32 export, so both get bit-identical codes, scales and states."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def hadamard(n, device=None):
     """Orthonormal Sylvester-Hadamard matrix (n a power of two); symmetric, so H @ H = I."""
     h = torch.ones(1, 1, device=device)
@@ -643,6 +906,7 @@ def hadamard(n, device=None):
     return h / math.sqrt(n)
 
 
+@fp32_region
 def ternary_quantize(weight, group_size, scale_mult=1.0, threshold=0.5, rotate=False, clip=None):
     """BitNet b1.58 quantizer. weight (rows, cols) -> codes int8 (rows, cols) in {-1, 0, 1}, scales fp16
     (rows, groups). Per group of `group_size` input weights: scale = fp16(absmean * scale_mult) with zero padding
@@ -665,6 +929,7 @@ def ternary_quantize(weight, group_size, scale_mult=1.0, threshold=0.5, rotate=F
     return codes.to(torch.int8).view(rows, groups * group_size)[:, :cols].contiguous(), scales
 
 
+@fp32_region
 def ternary_dequantize(codes, scales, group_size, rotate=False):
     """Inverse of ternary_quantize: codes * scale per group (rotated back for TurboQuant), float32 (rows, cols)."""
     rows, cols = codes.shape
@@ -680,6 +945,7 @@ FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes
 FP_MAX = {"fp8": 448.0, "fp4": 6.0}                 # largest finite value of e4m3 and e2m1
 
 
+@fp32_region
 def fp_quantize(weight, scheme):
     """FP storage of a non-ternary matrix. fp16: codes = fp16(w), no scales. fp8 / fp4: per-row scale
     fp16(absmax / FP_MAX), codes = e4m3(w / scale) (uint8 bits) or a 4-bit sign+index into FP4_GRID (uint8)."""
@@ -694,6 +960,7 @@ def fp_quantize(weight, scheme):
     return (index + 8 * (x < 0)).to(torch.uint8), scales
 
 
+@fp32_region
 def fp_dequantize(codes, scales, scheme):
     if scheme == "fp16":
         return codes.float()
@@ -800,79 +1067,6 @@ class FPStored(nn.Module):
 # embedding x0 and LN damping 1/sqrt(layer+1). A new mixer is one class plus one registry line.
 # -----------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 8192
-    num_layers: int = 9
-    model_dim: int = 512
-    embed_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 2.0
-    mlp_activation: str = "leaky_relu2"
-    bitnet_group_size: int = 128
-    turbo_quant_train: int = 0
-    rope_base: float = 10000.0
-    rope_dims: int = 64
-    yarn_factor: float = 1.0
-    train_seq_len: int = 1024
-    qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0
-    softcap_type: str = "poly"
-    parallel_residual_start: int = -1
-    architecture: str = "attn"
-    skc_layers: tuple = ()
-    skc_num_capsules: int = 16
-    skc_capsule_dim: int = 64
-    skc_conv_kernel: int = 4
-    skc_block_size: int = 64
-    skc_parallel_residual: int = 0
-    skc_amp_ramp_fraction: float = 0.1
-    skc_aux_entropy_fraction: float = 0.0
-    reset_ssm_on_bos: int = 1
-    xsa_start_layer: int = -1
-    vrl_enabled: int = 0
-    vrl_start_layer: int = 1
-    shared_blocks: int = 0
-    recurrence_layers: str = ""
-    recurrence_depth: int = 1
-    recurrence_start_fraction: float = 0.0
-    stochastic_depth: float = 0.0
-    ternary_noise_scale: float = 0.0
-    fp_storage: str = "fp16"
-    bigram_hash_enabled: int = 0
-    bigram_hash_buckets: int = 4096
-    bigram_hash_dim: int = 64
-    engram_num_heads: int = 2
-    engram_num_orders: int = 2
-    engram_inject_layer: int = 0
-    capsule_enabled: int = 0
-    capsule_num: int = 16
-    capsule_dim: int = 64
-    koopman_rank: int = 4
-    koopman_consistency_weight: float = 0.1
-    koopman_speculative_steps: int = 1
-    koopman_halt_threshold: float = 0.0
-    feedback_enabled: int = 0
-    feedback_passes: int = 1
-    moe_enabled: int = 0
-    moe_num_experts: int = 4
-    moe_top_k: int = 1
-    moe_layer_frac: float = 0.5
-    moe_start_fraction: float = 0.1
-    moe_aux_weight: float = 0.01
-
-    @classmethod
-    def from_hparams(cls, hp):
-        return cls(**{name: getattr(hp, name) for name in cls.__dataclass_fields__})
-
-    @classmethod
-    def from_dict(cls, d):
-        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["skc_layers"] = tuple(d.get("skc_layers", ()))
-        return cls(**d)
-
-
 BOS_ID = 1  # the challenge tokenizers' <s>; one precedes every document
 
 
@@ -927,12 +1121,29 @@ def _load_flash_attention():
 
 
 FLASH_ATTENTION = _load_flash_attention()
+FLASH_DEVICE_TYPES = ("cuda",)  # devices flash-attn kernels run on (a test adds "cpu" with a stand-in function)
+
+
+def attention_dtype(q):
+    """The dtype attention computes in: the autocast dtype when autocast is on for q's device (under CUDA autocast
+    rms_norm returns fp32, so q's own dtype would say fp32), else q's dtype."""
+    device_type = q.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+
+
+def attention_kernel(q):
+    """'flash_attn' when flash-attn is installed, runs on q's device and the attention dtype is bf16/fp16; else 'sdpa'."""
+    if FLASH_ATTENTION is None or q.device.type not in FLASH_DEVICE_TYPES:
+        return "sdpa"
+    return "flash_attn" if attention_dtype(q) in (torch.bfloat16, torch.float16) else "sdpa"
 
 
 def causal_attention(q, k, v):
-    """q (B, T, H, hd), k/v (B, T, KV, hd) -> (B, T, H, hd). flash-attn when installed (CUDA, bf16), else SDPA."""
-    if FLASH_ATTENTION is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = FLASH_ATTENTION(q, k, v, causal=True)
+    """q (B, T, H, hd), k/v (B, T, KV, hd) -> (B, T, H, hd). flash-attn (q/k/v cast to the autocast dtype) where
+    attention_kernel says so, else SDPA."""
+    if attention_kernel(q) == "flash_attn":
+        dtype = attention_dtype(q)
+        out = FLASH_ATTENTION(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=k.size(2) != q.size(2))
@@ -942,9 +1153,22 @@ def causal_attention(q, k, v):
 class CausalSelfAttention(nn.Module):
     """GQA attention with QK RMSNorm, per-head query gain and partial RoPE; ternary projections."""
 
+    ttt_group = None  # TTT_SCOPE=skc_safe adapts parameters of this group (None: only the scales)
+
+    @staticmethod
+    def parallel_residual(cfg):
+        """Whether this mixer's layers use the parallel block regardless of PARALLEL_RESIDUAL_START."""
+        return False
+
+    @staticmethod
+    def extra_flops_per_token(cfg, seq_len):
+        """Training FLOPs per token beyond 6 x matmul params: causal attention's QK^T and AV, 6 x width x seq_len
+        (PaLM appendix B, halved for the causal mask)."""
+        return 6 * cfg.model_dim * seq_len
+
     def __init__(self, cfg, layer_index):
         super().__init__()
-        d, hd, g = cfg.model_dim, cfg.model_dim // cfg.num_heads, cfg.bitnet_group_size
+        d, hd, g = cfg.model_dim, cfg.head_dim, cfg.bitnet_group_size
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.q = TernaryLinear(d, cfg.num_heads * hd, g)
         self.k = TernaryLinear(d, cfg.num_kv_heads * hd, g)
@@ -1006,10 +1230,11 @@ class MLP(nn.Module):
 
 SCAN_CHUNK = 8    # time steps per scan chunk: work and memory grow with it, carry levels (log_chunk T) shrink; input-
                   # dependent decay fwd+bwd (CPU, B4 T1024 C256): 4: 42 ms, 8: 105, 16: 222, 32: 402; the old loop 171
-KOOPMAN_RANK = 8  # rank of the Koopman SSM's low-rank state correction
+SSM_CORRECTION_RANK = 8  # rank of the Koopman SSM layer's low-rank state correction
 COUPLING_RANK = 4 # rank of the SKC capsule-coupling matrix
 
 
+@fp32_region
 def chunked_scan(log_decay, inputs, initial, segments=None, chunk=None):
     """Linear recurrence state_t = exp(log_decay_t) * state_{t-1} + inputs_t for every channel, state_{-1} = initial.
     log_decay (C,) (time-invariant) or broadcastable to inputs (B, T, C), initial broadcastable to (B, C) -> states
@@ -1067,7 +1292,7 @@ def causal_depthwise_conv(x, weight, segments=None):
 
 def skc_tag(param, route):
     """Tag a parameter the TTT evaluator's `skc_safe` scope may adapt (SKC decays, conv weights, residual mixes)."""
-    param.ttt_group = "skc"
+    param.ttt_group = SKCMixer.ttt_group
     return tag(param, route)
 
 
@@ -1093,6 +1318,16 @@ class SKCMixer(nn.Module):
     s <= t) evolved by one Koopman step (per-capsule eigenvalues, low-rank coupling of Frobenius norm <= 1,
     gated tanh) -> synthesis back to positions with the same routing -> causal depthwise conv -> normed ternary
     output projection. Every op mixes time only through the scan, cumsums and the left-padded conv."""
+
+    ttt_group = "skc"
+
+    @staticmethod
+    def parallel_residual(cfg):
+        return bool(cfg.skc_parallel_residual)
+
+    @staticmethod
+    def extra_flops_per_token(cfg, seq_len):
+        return 0  # the scan, pools and conv are elementwise: O(width) per token, not counted
 
     def __init__(self, cfg, layer_index):
         super().__init__()
@@ -1133,6 +1368,7 @@ class SKCMixer(nn.Module):
         return out
 
     @staticmethod
+    @fp32_region
     def pool(routes, features):
         """Capsule n at t = sum_{s<=t} r_{s,n} f_s / sum_{s<=t} r_{s,n}: routes (B, T, N), features (B, T, K)."""
         mass = routes.cumsum(1).unsqueeze(-1)
@@ -1151,14 +1387,18 @@ class KoopmanSSM(nn.Module):
     (1 - decay), the shared chunked scan, a low-rank correction of the state readout, SiLU output gate, normed
     ternary projection. With RESET_SSM_ON_BOS the state and the conv restart at every BOS."""
 
+    ttt_group = None
+    parallel_residual = staticmethod(CausalSelfAttention.parallel_residual)
+    extra_flops_per_token = staticmethod(SKCMixer.extra_flops_per_token)
+
     def __init__(self, cfg, layer_index):
         super().__init__()
         d, g = cfg.model_dim, cfg.bitnet_group_size
         self.inp = TernaryLinear(d, 3 * d, g)  # value, step size, output gate
         self.dt_bias = tag(nn.Parameter(torch.log(torch.expm1(torch.logspace(-3, -1, d)))), "scalar")  # decays 0.999 .. 0.905
         self.conv = tag(nn.Parameter(torch.randn(d, cfg.skc_conv_kernel) * cfg.skc_conv_kernel ** -0.5), "scalar")
-        self.correction_down = TernaryLinear(d, KOOPMAN_RANK, g)
-        self.correction_up = TernaryLinear(KOOPMAN_RANK, d, g, zero_init=True)
+        self.correction_down = TernaryLinear(d, SSM_CORRECTION_RANK, g)
+        self.correction_up = TernaryLinear(SSM_CORRECTION_RANK, d, g, zero_init=True)
         self.proj = TernaryLinear(d, d, g, zero_init=True)
         self.reset_on_bos = bool(cfg.reset_ssm_on_bos)
 
@@ -1173,31 +1413,47 @@ class KoopmanSSM(nn.Module):
         return self.proj(rms_norm(states * F.silu(gate)))
 
 
-MIXERS = {"attn": CausalSelfAttention, "skc": SKCMixer, "koopman_ssm": KoopmanSSM}
+MIXERS = {"attn": CausalSelfAttention, "skc": SKCMixer, "koopman_ssm": KoopmanSSM}  # LAYER_KINDS names these
+
+ARCHITECTURES = {  # ARCHITECTURE presets: the LAYER_KINDS each expands to
+    "attn": lambda cfg: ["attn"] * cfg.num_layers,
+    "skc": lambda cfg: ["skc"] * cfg.num_layers,
+    "koopman_ssm": lambda cfg: ["koopman_ssm"] * cfg.num_layers,
+    "hybrid": lambda cfg: ["attn" if i % 2 == 0 else "koopman_ssm" for i in range(cfg.num_layers)],
+    "competition": lambda cfg: ["skc" if i in cfg.skc_layer_indices else "attn" for i in range(cfg.num_layers)],
+}
 
 
-def layer_kinds(cfg):
-    """Mixer kind of every layer, from ARCHITECTURE (and SKC_LAYERS for `competition`)."""
-    n = cfg.num_layers
-    if cfg.architecture == "attn":
-        return ["attn"] * n
-    if cfg.architecture in ("skc", "koopman_ssm"):
-        return [cfg.architecture] * n
-    if cfg.architecture == "hybrid":
-        return ["attn" if i % 2 == 0 else "koopman_ssm" for i in range(n)]
-    return ["skc" if i in cfg.skc_layers else "attn" for i in range(n)]
+def layer_plan(cfg):
+    """The mixer kind of every layer: LAYER_KINDS, or the expansion of the ARCHITECTURE preset (attn when both are
+    empty). Unknown kinds, a wrong count, both set, or SKC_LAYERS without ARCHITECTURE=competition are errors."""
+    _require(not (cfg.layer_kinds and cfg.architecture), f"LAYER_KINDS={cfg.layer_kinds!r} and ARCHITECTURE={cfg.architecture!r} "
+             "are both set: the preset expands to a LAYER_KINDS, so set one of them")
+    if cfg.layer_kinds:
+        kinds = [kind.strip() for kind in cfg.layer_kinds.split(",")]
+        _require(len(kinds) == cfg.num_layers, f"LAYER_KINDS has {len(kinds)} entries but NUM_LAYERS={cfg.num_layers}")
+    else:
+        preset = cfg.architecture or "attn"
+        _require(preset in ARCHITECTURES, f"ARCHITECTURE={preset!r}: choose one of {sorted(ARCHITECTURES)} (or set LAYER_KINDS)")
+        kinds = ARCHITECTURES[preset](cfg)
+    _require(not cfg.skc_layers or cfg.architecture == "competition", f"SKC_LAYERS={cfg.skc_layers!r} is read only by "
+             "ARCHITECTURE=competition; with LAYER_KINDS name the skc layers there")
+    unknown = sorted({kind for kind in kinds if kind not in MIXERS})
+    _require(not unknown, f"LAYER_KINDS / ARCHITECTURE: unknown mixer kind(s) {unknown}; known: {sorted(MIXERS)}")
+    return kinds
 
 
 def add_layer_scales(module, cfg, layer_index, kind):
     """Per-layer residual scales, residual mix with x0, LN damping, block layout and stochastic-depth probability,
-    set on a Block (its own layer) or a LayerScales (a later layer reusing a shared block's mixer and MLP)."""
-    d = cfg.model_dim
+    set on a Block (its own layer) or a LayerScales (a later layer reusing a shared block's mixer and MLP). The
+    mixer class says whether the residual mix joins its TTT group and whether the layer is a parallel block."""
+    d, mixer = cfg.model_dim, MIXERS[kind]
     module.mixer_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
     module.mlp_scale = tag(nn.Parameter(torch.ones(d)), "scalar")
     module.resid_mix = tag(nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])), "scalar")
-    if kind == "skc":
-        skc_tag(module.resid_mix, "scalar")
-    module.parallel = 0 <= cfg.parallel_residual_start <= layer_index or (kind == "skc" and bool(cfg.skc_parallel_residual))
+    if mixer.ttt_group:
+        module.resid_mix.ttt_group = mixer.ttt_group
+    module.parallel = 0 <= cfg.parallel_residual_start <= layer_index or mixer.parallel_residual(cfg)
     module.damping = 1.0 / math.sqrt(layer_index + 1)
     module.drop_prob = cfg.stochastic_depth * layer_index / max(cfg.num_layers - 1, 1)
 
@@ -1221,8 +1477,6 @@ def branch_keep(x, drop_prob, training):
 class Block(nn.Module):
     def __init__(self, cfg, layer_index, kind):
         super().__init__()
-        if kind not in MIXERS:
-            raise ConfigError(f"layer type {kind!r} (ARCHITECTURE={cfg.architecture}) is not implemented; known: {sorted(MIXERS)}")
         self.mixer = MIXERS[kind](cfg, layer_index)
         self.mlp = MLP(cfg)
         add_layer_scales(self, cfg, layer_index, kind)
@@ -1329,8 +1583,8 @@ class CapsuleBank(nn.Module):
         self.assign, self.value = TernaryLinear(d, c, g), TernaryLinear(d, k, g)
         self.query, self.out = TernaryLinear(d, k, g), TernaryLinear(k, d, g)
         self.diag = tag(nn.Parameter(torch.full((k,), 0.9)), "scalar")
-        self.left = tag(nn.Parameter(torch.randn(k, cfg.koopman_rank) * 0.02), "scalar")
-        self.right = tag(nn.Parameter(torch.randn(k, cfg.koopman_rank) * 0.02), "scalar")
+        self.left = tag(nn.Parameter(torch.randn(k, cfg.capsule_koopman_rank) * 0.02), "scalar")
+        self.right = tag(nn.Parameter(torch.randn(k, cfg.capsule_koopman_rank) * 0.02), "scalar")
         self.prior = tag(nn.Parameter(torch.randn(c, k) * 0.02), "scalar")
         self.gate_scale = tag(nn.Parameter(torch.ones(())), "scalar")
         self.gate_bias = tag(nn.Parameter(torch.zeros(())), "scalar")
@@ -1475,17 +1729,17 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, e = cfg.model_dim, cfg.embed_dim
+        d, e = cfg.model_dim, cfg.embed_width
         self.tok_emb = FPStored(torch.randn(cfg.vocab_size, e) * 0.005, cfg.fp_storage, "embed")
         self.embed_in = FPStored(torch.randn(d, e) * e ** -0.5, cfg.fp_storage, "dense") if e != d else None
         self.embed_out = FPStored(torch.randn(e, d) * d ** -0.5, cfg.fp_storage, "dense") if e != d else None
-        kinds, distinct = layer_kinds(cfg), cfg.shared_blocks or cfg.num_layers
+        kinds, distinct = layer_plan(cfg), cfg.shared_blocks or cfg.num_layers
         if any(kinds[i] != kinds[i % distinct] for i in range(cfg.num_layers)):
             raise ConfigError(f"SHARED_BLOCKS={cfg.shared_blocks}: layer kinds {kinds} do not repeat with that period; "
                               "choose a period of the layer pattern (e.g. even for hybrid)")
         self.blocks = nn.ModuleList(Block(cfg, i, kinds[i]) for i in range(distinct))
         self.layer_scales = nn.ModuleList(LayerScales(cfg, i, kinds[i]) for i in range(distinct, cfg.num_layers))
-        self.recurrence_layers = {int(s) for s in cfg.recurrence_layers.split(",") if s.strip()}
+        self.recurrence_layers = set(cfg.recurrence_layer_indices)
         self.recurrence_active = cfg.recurrence_start_fraction <= 0
         self.num_encoder = cfg.num_layers // 2
         num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
@@ -1497,8 +1751,9 @@ class GPT(nn.Module):
         self.engram = EngramHash(cfg) if cfg.bigram_hash_enabled else None
         self.capsules = CapsuleBank(cfg) if cfg.capsule_enabled else None
         self.feedback = FeedbackAdapters(cfg, cfg.num_layers - self.num_encoder) if cfg.feedback_enabled else None
-        for i in moe_layer_indices(cfg):
-            self.blocks[i].mlp = MoEMLP(cfg)
+        if cfg.moe_enabled:
+            for i in moe_layer_indices(cfg):
+                self.blocks[i].mlp = MoEMLP(cfg)
         configure_ternary(self, cfg)
 
     def set_progress(self, fraction):
@@ -1509,7 +1764,7 @@ class GPT(nn.Module):
 
     def _rope_tables(self, seq_len, device):
         c = self.cfg
-        return rope_tables(seq_len, c.rope_dims, c.rope_base, c.yarn_factor, c.train_seq_len, device)
+        return rope_tables(seq_len, c.rotary_dims, c.rope_base, c.yarn_factor, c.train_seq_len, device)
 
     def rope(self, seq_len, device):
         """Rotary tables: the precomputed buffers (no state mutated inside a compiled forward), or fresh tables
@@ -1594,16 +1849,16 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------------------------------------------
 # OPTIMIZER
 # Muon (momentum + Newton-Schulz orthogonalization, Jordan et al. 2024) for matrices, AdamW for the embedding and
-# scalars. PARAM_ROUTES is the one table from a parameter's tag to optimizer, learning rate, weight decay and
-# export scheme; every parameter must land in exactly one group.
+# scalars. PARAM_ROUTES is the one table from a parameter's tag to optimizer, learning rate and weight decay (the
+# TrainConfig fields that hold them); every parameter must land in exactly one group.
 # -----------------------------------------------------------------------------------------------------------------
 
 PARAM_ROUTES = {
-    # tag:      (optimizer, lr variable, weight-decay variable, export scheme)
-    "ternary": ("muon", "matrix_lr", "muon_wd", "ternary"),
-    "dense": ("muon", "matrix_lr", "muon_wd", "fp"),
-    "embed": ("adam", "embed_lr", "adam_wd", "fp"),
-    "scalar": ("adam", "scalar_lr", None, "fp16"),  # rounded to fp16 once before export (round_scalars_to_fp16)
+    # tag:      (optimizer, lr field, weight-decay field)
+    "ternary": ("muon", "matrix_lr", "muon_wd"),
+    "dense": ("muon", "matrix_lr", "muon_wd"),
+    "embed": ("adam", "embed_lr", "adam_wd"),
+    "scalar": ("adam", "scalar_lr", None),  # never decays; rounded to fp16 once before export (round_scalars_to_fp16)
 }
 
 
@@ -1667,7 +1922,7 @@ class Muon(torch.optim.Optimizer):
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
 
-def build_optimizers(model, hp, fused):
+def build_optimizers(model, train_cfg, fused):
     """Group parameters by their route tag; assert every trainable parameter is in exactly one group."""
     groups = {route: [] for route in PARAM_ROUTES}
     for name, p in model.named_parameters():
@@ -1679,14 +1934,14 @@ def build_optimizers(model, hp, fused):
     optimizers = []
     muon_params = [(r, ps) for r, ps in groups.items() if PARAM_ROUTES[r][0] == "muon" and ps]
     for route, params in muon_params:
-        _, lr_name, wd_name, _ = PARAM_ROUTES[route]
-        optimizers.append(Muon(params, getattr(hp, lr_name), hp.muon_momentum, hp.muon_backend_steps, hp.muon_eq_r,
-                               getattr(hp, wd_name) if wd_name else 0.0))
-    adam_groups = [dict(params=ps, lr=getattr(hp, PARAM_ROUTES[r][1]),
-                        weight_decay=getattr(hp, PARAM_ROUTES[r][2]) if PARAM_ROUTES[r][2] else 0.0)
+        _, lr_name, wd_name = PARAM_ROUTES[route]
+        optimizers.append(Muon(params, getattr(train_cfg, lr_name), train_cfg.muon_momentum, train_cfg.muon_backend_steps,
+                               train_cfg.muon_eq_r, getattr(train_cfg, wd_name) if wd_name else 0.0))
+    adam_groups = [dict(params=ps, lr=getattr(train_cfg, PARAM_ROUTES[r][1]),
+                        weight_decay=getattr(train_cfg, PARAM_ROUTES[r][2]) if PARAM_ROUTES[r][2] else 0.0)
                    for r, ps in groups.items() if PARAM_ROUTES[r][0] == "adam" and ps]
     if adam_groups:
-        optimizers.append(torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused))
+        optimizers.append(torch.optim.AdamW(adam_groups, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps, fused=fused))
     for opt in optimizers:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1726,22 +1981,33 @@ def curriculum_seq_len(fraction, min_seq_len, full_seq_len, end_fraction):
     return max(min_seq_len, min(full_seq_len, 2 ** int(math.log2(target))))
 
 
-def training_fraction(step, elapsed_seconds, hp):
-    """Elapsed fraction of the budget: wallclock when MAX_WALLCLOCK_SECONDS > 0, else steps / ITERATIONS."""
-    if hp.max_wallclock_seconds > 0:
-        return min(elapsed_seconds / hp.max_wallclock_seconds, 1.0)
-    return min(step / hp.iterations, 1.0)
+@dataclass
+class TrainBudget:
+    """How long the training loop runs: `loop_seconds` of wallclock (MAX_WALLCLOCK_SECONDS minus the reserve for
+    the post-loop work that reads train data), or, with no wallclock budget, ITERATIONS steps."""
+    loop_seconds: float
+    iterations: int
+    reserve_seconds: float = 0.0
+
+    def fraction(self, step, elapsed_seconds):
+        """Elapsed fraction of the loop's budget, in [0, 1]: every schedule is a function of it."""
+        if self.loop_seconds > 0:
+            return min(elapsed_seconds / self.loop_seconds, 1.0)
+        return min(step / self.iterations, 1.0)
+
+    def done(self, step, elapsed_seconds):
+        return step >= self.iterations or (self.loop_seconds > 0 and elapsed_seconds >= self.loop_seconds)
 
 
-H100_BF16_PEAK_FLOPS = 790e12  # dense bf16 matmul peak measured on an H100 (the figure our MFU divides by)
+H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak, NVIDIA's datasheet (no sparsity); H200 the same
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token: 6 x matmul parameters (the tied embedding counts once, as the head) plus causal
-    attention 6 x attention layers x width x seq_len (PaLM appendix B, halved for the causal mask)."""
+    """Training FLOPs per token: 6 x matmul parameters (the tied embedding counts once, as the head) plus what each
+    layer's mixer class adds (extra_flops_per_token: causal attention's 6 x width x seq_len)."""
     matmul_params = sum(p.numel() for p in model.parameters() if p.route != "scalar")
-    attention_layers = sum(isinstance(m, CausalSelfAttention) for m in model.modules())
-    return 6 * matmul_params + 6 * attention_layers * model.cfg.model_dim * seq_len
+    mixers = tuple(MIXERS.values())
+    return 6 * matmul_params + sum(m.extra_flops_per_token(model.cfg, seq_len) for m in model.modules() if isinstance(m, mixers))
 
 
 class EMA:
@@ -1779,7 +2045,7 @@ class EMA:
 # -----------------------------------------------------------------------------------------------------------------
 # QUANTIZE + EXPORT
 # Artifact = 1 codec byte + compressed payload; payload = magic, version, JSON header (model config, tensor
-# table), then the tensor bytes. Ternary codes are packed base-3 (5 trits per byte) or as a nonzero bitmask plus
+# table, meta: the fitted temperature), then the tensor bytes. Ternary codes are packed base-3 (5 trits per byte) or as a nonzero bitmask plus
 # sign bits, whichever is smaller; fp tensors as their stored codes and scales; scalars as fp32. The whole
 # payload is compressed with lzma and brotli and the smaller kept. Same weights and config -> same bytes.
 # -----------------------------------------------------------------------------------------------------------------
@@ -1881,12 +2147,14 @@ def round_scalars_to_fp16(model):
     return rounded
 
 
-def serialize_model(model):
+def serialize_model(model, meta=None):
+    """The payload: magic, version, header length, JSON header (model config, tensor table, `meta` such as the
+    fitted temperature), tensor bytes."""
     entries, blobs = export_parts(model)
-    metas = [meta for entry in entries for meta in entry["parts"]]
-    for meta, blob in zip(metas, blobs):
-        meta["nbytes"] = len(blob)
-    header = json.dumps(dict(config=asdict(model.cfg), tensors=entries), sort_keys=True).encode()
+    parts = [part for entry in entries for part in entry["parts"]]
+    for part, blob in zip(parts, blobs):
+        part["nbytes"] = len(blob)
+    header = json.dumps(dict(config=dataclasses.asdict(model.cfg), tensors=entries, meta=meta or {}), sort_keys=True).encode()
     return ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION]) + len(header).to_bytes(4, "little") + header + b"".join(blobs)
 
 
@@ -1965,21 +2233,26 @@ def write_artifact(path, blob):
     os.replace(tmp, path)
 
 
-def load_model_from_artifact(path, device):
-    """Rebuild the model from the artifact file alone (config included); quantized tensors come back frozen."""
+def read_artifact(path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ARTIFACT={path} does not exist")
-    header, tensors = parse_payload(decompress_artifact(path.read_bytes(), path), path)
-    model = GPT(ModelConfig.from_dict(header["config"]))
+    return path.read_bytes()
+
+
+def model_from_artifact(blob, label, device):
+    """Rebuild the model from an artifact's bytes alone (config included); quantized tensors come back frozen.
+    Returns (model, meta); `label` names the artifact in errors."""
+    header, tensors = parse_payload(decompress_artifact(blob, label), label)
+    model = GPT(ModelConfig.from_artifact(header["config"]))
     modules, state = dict(model.named_modules()), model.state_dict()
     missing = set(state) - set(tensors)
     if missing:
-        raise ConfigError(f"artifact {path} lacks tensors {sorted(missing)[:5]}; it was made by another model version")
+        raise ConfigError(f"artifact {label} lacks tensors {sorted(missing)[:5]}; it was made by another model version")
     with torch.no_grad():
         for name, (scheme, arrays) in tensors.items():
             if name not in state:
-                raise ConfigError(f"artifact {path} has tensor {name} that this model does not; config mismatch")
+                raise ConfigError(f"artifact {label} has tensor {name} that this model does not; config mismatch")
             arrays = [torch.from_numpy(a) for a in arrays]
             module = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
             if scheme in ("scalar", "fp32"):  # raw tensors ("fp32": artifacts written before fp16 scalars)
@@ -1987,7 +2260,12 @@ def load_model_from_artifact(path, device):
             else:
                 module.load_quantized(arrays[0], arrays[1] if len(arrays) > 1 else None)
     model.set_progress(1.0)
-    return model.to(device)
+    return model.to(device), header.get("meta", {})
+
+
+def load_model_from_artifact(path, device):
+    """The model of the artifact file at `path` (see model_from_artifact)."""
+    return model_from_artifact(read_artifact(path), path, device)[0]
 
 
 def export_report(model):
@@ -1999,16 +2277,17 @@ def export_report(model):
     return report
 
 
-def measure_code_bytes(hp):
-    """Bytes of the script that would be submitted: the built (minified, lzma-wrapped) script when
-    build_submission.py is beside us, else this file's own size (inside a built submission that is exact)."""
-    if hp.code_bytes:
-        return hp.code_bytes
+def measure_code_bytes(export_cfg, settings):
+    """Bytes of the script that would be submitted for `settings` ({NAME: value}, Config.as_dict()): the built
+    (folded, minified, lzma-wrapped) script when build_submission.py is beside this file (build_code: a pure
+    function of source text and settings; build_submission.py never imports this file), else this file's own size
+    (inside a built submission that is exact)."""
+    if export_cfg.code_bytes:
+        return export_cfg.code_bytes
     here = Path(__file__).resolve()
     if (here.parent / "build_submission.py").is_file():
-        sys.path.insert(0, str(here.parent))
-        import build_submission
-        return len(build_submission.build_code(here.read_text(), hp.as_dict()))
+        from build_submission import build_code
+        return len(build_code(here.read_text(), settings))
     return here.stat().st_size
 
 
@@ -2090,31 +2369,9 @@ def search_clips(model, mode):
     return clipped
 
 
-def train_tail(data_path, vocab_size, count):
-    """The last `count` tokens of the train shards (spanning shards from the end) as int64. The training loader
-    never reads them when a feature that uses them is on (heldout_tokens); val is never read."""
-    need, chunks = count, []
-    for path in reversed(shard_paths(data_path, "train")):
-        shard = load_shard(path, vocab_size)
-        chunks.insert(0, np.asarray(shard[max(0, len(shard) - need):]))
-        need -= len(chunks[0])
-        if need <= 0:
-            break
-    if need > 0:
-        raise ConfigError(f"{count} held-out tokens (CALIB_TOKENS / TEMP_FIT_TOKENS) exceed the train shards in DATA_PATH={data_path}; lower them")
-    return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
-
-
-def heldout_tokens(hp):
-    """Train tokens at the end of the stream kept out of training for calibration, clip search, row pruning
-    (CALIB_TOKENS + 1) and temperature fitting (TEMP_FIT_TOKENS); 0 when none of them is on."""
-    calibrating = hp.export_search or hp.engram_prune_min_hits or hp.export_aligned_train
-    return max(hp.calib_tokens + 1 if calibrating else 0, hp.temp_fit_tokens if hp.temp_scaling else 0)
-
-
-def calibration_tokens(hp):
+def calibration_tokens(data_path, vocab_size, export_cfg):
     """The last CALIB_TOKENS + 1 train tokens: held out of training (heldout_tokens), never val tokens."""
-    return train_tail(hp.data_path, hp.vocab_size, hp.calib_tokens + 1)
+    return train_tail(data_path, vocab_size, export_cfg.calib_tokens + 1)
 
 
 @torch.no_grad()
@@ -2130,21 +2387,23 @@ def calibration_loss(model, tokens, seq_len, batch_seqs):
 
 
 @torch.no_grad()
-def calibrate_ternary(model, tokens, hp):
+def calibrate_ternary(model, tokens, export_cfg, batch_seqs, max_seconds=None):
     """Coordinate search, tensor by tensor, over the scale multiplier and/or zero threshold of each ternary layer:
     a candidate is kept only if it lowers the calibration loss, so the loss never rises. Stops at CALIB_MAX_EVALS
-    loss evaluations or CALIB_MAX_SECONDS, whichever comes first."""
+    loss evaluations or after `max_seconds` (default CALIB_MAX_SECONDS), whichever comes first."""
     was_training, t0 = model.training, time.perf_counter()
+    max_seconds = export_cfg.calib_max_seconds if max_seconds is None else max_seconds
     model.eval()
-    loss = lambda: calibration_loss(model, tokens, hp.train_seq_len, hp.eval_batch_seqs)
+    loss = lambda: calibration_loss(model, tokens, model.cfg.train_seq_len, batch_seqs)
     base = best = loss()
-    evals, names = 1, [n for n, on in (("scale_mult", hp.ternary_scale_search), ("threshold", hp.ternary_threshold_search)) if on]
+    evals = 1
+    names = [n for n, on in (("scale_mult", export_cfg.ternary_scale_search), ("threshold", export_cfg.ternary_threshold_search)) if on]
     for module in ternary_modules(model):
         for name in names:
             buffer = getattr(module, name)
             kept = float(buffer)
             for value in CALIB_CANDIDATES[name]:
-                if evals >= hp.calib_max_evals or time.perf_counter() - t0 >= hp.calib_max_seconds:
+                if evals >= export_cfg.calib_max_evals or time.perf_counter() - t0 >= max_seconds:
                     break
                 if abs(value - kept) < 1e-6:
                     continue
@@ -2159,18 +2418,18 @@ def calibrate_ternary(model, tokens, hp):
 
 def broadcast_ternary_buffers(model):
     """Every rank takes rank 0's export buffers (scale multiplier, threshold, clip)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         for module in ternary_modules(model):
             for buffer in (module.scale_mult, module.threshold, module.clip_value):
                 dist.broadcast(buffer, src=0)
 
 
-def align_export(model, tokens, hp, run, log, stage):
+def align_export(model, tokens, export_cfg, batch_seqs, run, log, stage, max_seconds=None):
     """Clip search then calibration on rank 0; the others wait for the broadcast. All ranks call it."""
-    if run.is_main and hp.gptq_lite_enabled and hp.ternary_clip_mode != "none":
-        log(kv("export_clip", stage=stage, mode=hp.ternary_clip_mode, clipped_tensors=search_clips(model, hp.ternary_clip_mode)))
-    if run.is_main and (hp.ternary_scale_search or hp.ternary_threshold_search):
-        stats = calibrate_ternary(model, tokens, hp)
+    if run.is_main and export_cfg.gptq_lite_enabled and export_cfg.ternary_clip_mode != "none":
+        log(kv("export_clip", stage=stage, mode=export_cfg.ternary_clip_mode, clipped_tensors=search_clips(model, export_cfg.ternary_clip_mode)))
+    if run.is_main and (export_cfg.ternary_scale_search or export_cfg.ternary_threshold_search):
+        stats = calibrate_ternary(model, tokens, export_cfg, batch_seqs, max_seconds)
         modules = ternary_modules(model)
         log(kv("export_calib", stage=stage, **stats, mean_scale_mult=sum(float(m.scale_mult) for m in modules) / len(modules),
                mean_threshold=sum(float(m.threshold) for m in modules) / len(modules)))
@@ -2192,23 +2451,32 @@ def prune_rows(model, tokens, min_hits):
     return dropped
 
 
-def export_fidelity(model, hp, run, log):
+def export_fidelity(model, config, run, log, max_seconds):
     """The hook between the EMA weights and export: scalars rounded to their fp16 storage, then row pruning, clip
-    search and calibration (each if enabled), so the export cost (reloaded minus pre-export BPB) includes them all."""
+    search and calibration (each if enabled; calibration within `max_seconds`), so the export cost (reloaded minus
+    pre-export BPB) includes them all. Reads only the held-out train tail, inside the training budget."""
+    export_cfg = config.export
     log(kv("export_round", scalars_to_fp16=round_scalars_to_fp16(model)))
-    if not (hp.export_search or hp.engram_prune_min_hits):
+    if not (export_cfg.export_search or export_cfg.engram_prune_min_hits):
         return
-    tokens = calibration_tokens(hp).to(run.device)
-    if hp.engram_prune_min_hits:
-        log(kv("export_prune", min_hits=hp.engram_prune_min_hits, **prune_rows(model, tokens, hp.engram_prune_min_hits)))
-    align_export(model, tokens, hp, run, log, "final")
+    tokens = calibration_tokens(config.run.data_path, config.model.vocab_size, export_cfg).to(run.device)
+    if export_cfg.engram_prune_min_hits:
+        log(kv("export_prune", min_hits=export_cfg.engram_prune_min_hits, **prune_rows(model, tokens, export_cfg.engram_prune_min_hits)))
+    align_export(model, tokens, export_cfg, config.eval.eval_batch_seqs, run, log, "final", max_seconds)
 
 # -----------------------------------------------------------------------------------------------------------------
 # EVAL
-# A stage scores every val target exactly once through windows (start, length, first scored offset). The plain
-# stage is non-overlapping windows of the context length; the sliding stage starts a window every `stride`
-# tokens and scores only the targets the previous window did not. Windows are spread over ranks in contiguous
-# ranges; NLL and byte sums are float64 and all-reduced. Byte counts use the same (previous, target) pairs.
+# A stage scores every val target exactly once through windows (start, length, first scored offset): plain windows
+# are non-overlapping windows of the eval context; sliding windows start every `stride` tokens and score only the
+# targets the previous window did not. Stages are the rows of EVAL_STAGES, and one runner (run_eval_stack) does for
+# each: eval mode, this rank's share, the budget check, scoring, the all-reduce, BPB and the log line. Scorers:
+#   windows  independent windows, a contiguous range of them per rank (the result does not depend on world size);
+#   carry    plain windows in order, each starting from the capsule-bank state of the windows before it;
+#   stream   chunks of windows in stream order, each rank its own contiguous segment; hooks (EvalHook) see every
+#            chunk before it is scored, adjust its log-probs, and learn from it only after it is scored.
+# The stream stages share one pass: each stage adds its hook on top of the earlier stream stages' hooks, and all
+# are scored from the same forward passes (no stage re-runs another's work). NLL and byte sums are float64; the
+# bytes of a target are counted with the token before it (token_bytes). Only scored positions reach the head.
 # -----------------------------------------------------------------------------------------------------------------
 
 def eval_windows(num_tokens, seq_len, stride):
@@ -2223,186 +2491,13 @@ def eval_windows(num_tokens, seq_len, stride):
     return windows
 
 
-EVAL_ROWS = 4096  # scored positions per cache / mixture computation (bounds the (rows, V) temporaries)
-
-
-def mixed_nll(logits, targets, positions, tokens, ngram, engram):
-    """NLL (N,) of the targets under the model's logits (N, V), EvalEngram-corrected, then n-gram-mixed."""
-    logp = F.log_softmax(logits, -1)
-    if engram is not None:
-        logp = engram.adjust(logp, tokens, positions)
-    if ngram is None:
-        return -logp.gather(1, targets[:, None]).squeeze(1)
-    return ngram.mixed_nll(logp, tokens, positions, targets)
-
-
-@torch.no_grad()
-def score_batch(model, tokens, windows, tables, device, temperature, ngram, engram):
-    """NLL, bytes and scored targets (float64, (3,)) of one forward pass over `windows` (tokens on device): logits
-    divided by `temperature`, then the caches (None = off) applied. Every stage scores through this function."""
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for length in sorted({w[1] for w in windows}):
-        same = [w for w in windows if w[1] == length]
-        starts = torch.tensor([s for s, _, _ in same], device=device)
-        offsets = torch.arange(length, device=device)
-        x = tokens[starts[:, None] + offsets[None, :]]
-        y = tokens[starts[:, None] + offsets[None, :] + 1]
-        keep = offsets[None, :] >= torch.tensor([f for _, _, f in same], device=device)[:, None]
-        with autocast(device):
-            logits = model.logits(model.hidden(x)[0])
-        logits, targets = logits[keep].float() / temperature, y[keep]
-        positions = (starts[:, None] + 1 + offsets[None, :])[keep]
-        for i in range(0, len(targets), EVAL_ROWS):
-            rows = slice(i, i + EVAL_ROWS)
-            totals[0] += mixed_nll(logits[rows], targets[rows], positions[rows], tokens, ngram, engram).double().sum()
-        totals[1] += token_bytes(x, y, tables)[keep].double().sum()
-        totals[2] += keep.sum()
-    return totals
-
-
-@torch.no_grad()
-def score_windows(model, tokens, windows, batch_seqs, tables, device, temperature=1.0):
-    """Sum of NLL, bytes and scored targets over the windows (float64 tensors of shape (3,)), `batch_seqs` windows
-    per forward pass; the logits are divided by `temperature`."""
-    tokens, totals = tokens.to(device), torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(windows), batch_seqs):
-        totals += score_batch(model, tokens, windows[i:i + batch_seqs], tables, device, temperature, None, None)
-    return totals
-
-
 def rank_slice(items, rank, world_size):
     per_rank = -(-len(items) // world_size)
     return items[rank * per_rank:(rank + 1) * per_rank]
 
 
-def eval_stage(model, val_tokens, hp, tables, run, stride, temperature=1.0, within_budget=None):
-    """Loss (nats/token) and BPB of a stage of independent windows (roundtrip, sliding), all ranks together: the
-    windows are spread over the ranks in contiguous ranges, so the result does not depend on the world size.
-    None if `within_budget(seconds, fraction)`, asked once per rank after its first batch, says stop."""
-    was_training = model.training
-    model.eval()
-    windows = rank_slice(eval_windows(len(val_tokens), hp.eval_seq_len, stride), run.rank, run.world_size)
-    batch = hp.sliding_batch_size if stride < hp.eval_seq_len else hp.eval_batch_seqs
-    tokens, totals = val_tokens.to(run.device), torch.zeros(3, dtype=torch.float64, device=run.device)
-    try:
-        t0 = time.perf_counter()
-        totals += score_windows(model, tokens, windows[:batch], batch, tables, run.device, temperature)
-        if within_budget is not None and not within_budget(*first_batch_timing(t0, windows[:batch], windows, run.device)):
-            return None
-        totals += score_windows(model, tokens, windows[batch:], batch, tables, run.device, temperature)
-    finally:
-        model.train(was_training)
-    totals = all_reduce_sum(totals)
-    return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
-
-
-def first_batch_timing(t0, first, windows, device):
-    """(seconds since t0, fraction of this rank's scored targets that `first` holds) for a budget projection."""
-    synchronize(device)
-    scored = lambda ws: sum(length - score_from for _, length, score_from in ws)
-    return time.perf_counter() - t0, scored(first) / max(scored(windows), 1) if windows else 1.0
-
-
-def budget_check(hp, run, elapsed_s, stage, log):
-    """The EVAL_MAX_SECONDS rule as a callable (seconds, fraction_done) -> keep going?, or None when there is no
-    budget. Every rank must call it exactly once (it all-reduces the projection, the max over ranks)."""
-    if hp.eval_max_seconds <= 0:
-        return None
-
-    def within_budget(seconds, fraction):
-        # one decision for all ranks: the max over ranks of (own elapsed + own projection), so no rank skips alone
-        mine = torch.tensor([elapsed_s + seconds / max(fraction, 1e-12), elapsed_s], dtype=torch.float64, device=run.device)
-        finish_s, elapsed = all_reduce_max(mine).tolist()
-        if finish_s <= hp.eval_max_seconds:
-            return True
-        if log is not None:
-            log(kv("eval_skip", stage=stage, projected_s=finish_s - elapsed, budget_s=hp.eval_max_seconds, elapsed_s=elapsed))
-        return False
-    return within_budget
-
-
-def eval_plan(hp):
-    """Stages in their fixed order: roundtrip, sliding, capsule_carry, ttt, ngram, evalengram (each if enabled). The
-    chunked stages keep the earlier ones' features: they use sliding windows if SLIDING_EVAL=1, ngram runs on top of
-    TTT if TTT is on, evalengram on top of both; capsule_carry (plain windows, state carried across them) is a stage of
-    its own that later stages do not inherit. The reported val_bpb is the last stage, declared before the run."""
-    stride = hp.sliding_eval_stride if hp.sliding_eval else hp.eval_seq_len
-    stages = [("roundtrip", hp.eval_seq_len)]
-    for name, enabled in (("sliding", hp.sliding_eval), ("capsule_carry", hp.capsule_carry_eval), ("ttt", hp.ttt_enabled),
-                          ("ngram", hp.ngram_cache_enabled), ("evalengram", hp.eval_engram_enabled)):
-        if enabled:
-            stages.append((name, hp.eval_seq_len if name == "capsule_carry" else stride))
-    return stages
-
-
-def run_eval_stack(model, val_tokens, hp, tables, run, log):
-    """Roundtrip (plain windows, temperature 1), then the later stages. A stage whose projected time (after its
-    first batch, window or chunk) would pass EVAL_MAX_SECONDS is skipped with an `eval_skip` line; the roundtrip
-    always runs."""
-    results, stack_start, temperature = {}, time.perf_counter(), None
-    plan = eval_plan(hp)
-    for index, (name, stride) in enumerate(plan):
-        if name != "roundtrip" and temperature is None:
-            temperature = fit_temperature_from_train(model, hp, run, log) if hp.temp_scaling else 1.0
-        t0 = time.perf_counter()
-        budget = budget_check(hp, run, t0 - stack_start, name, log) if name != "roundtrip" else None
-        if name in ("roundtrip", "sliding"):
-            outcome = eval_stage(model, val_tokens, hp, tables, run, stride, temperature or 1.0, budget)
-        elif name == "capsule_carry":
-            outcome = carry_stage(model, val_tokens, hp, tables, run, stride, temperature, budget)
-        else:
-            features = {n for n, _ in plan[:index + 1]}
-            outcome = eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, budget)
-        if outcome is None:
-            continue
-        loss, bpb, count = outcome
-        seconds = time.perf_counter() - t0
-        results[name] = dict(val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count)
-        log(kv("eval", stage=name, val_loss=loss, val_bpb=bpb, eval_s=seconds, tokens=count, tok_s=int(count / max(seconds, 1e-9)),
-               tok_s_gpu=int(count / max(seconds, 1e-9) / run.world_size), **projection_note(seconds, count, run), **truncation_note(hp)))
-    if run.device.type == "cuda":
-        projected = sum(eval_projection_seconds(r["eval_s"], r["tokens"], run.world_size) for r in results.values())
-        log(kv("eval_projection", stages=",".join(results), official_val_tokens=OFFICIAL_VAL_TOKENS, gpus=PROJECTION_GPUS,
-               projected_s=projected, limit_s=600))
-    return results
-
-
-OFFICIAL_VAL_TOKENS = 40_500_000  # sp8192 tokens of the official FineWeb val split (about; the figure of issue 4)
-PROJECTION_GPUS = 8                # the competition machine: 8 GPUs of the kind this run is on
-
-
-def eval_projection_seconds(seconds, tokens, world_size):
-    """A stage's time on the official val split over PROJECTION_GPUS GPUs: every stage costs a fixed amount per
-    scored token and splits over ranks without communication, so time scales with tokens / GPUs (an estimate)."""
-    return seconds * OFFICIAL_VAL_TOKENS / max(tokens, 1) * world_size / PROJECTION_GPUS
-
-
-def projection_note(seconds, tokens, run):
-    """`proj_8gpu_official_s` on CUDA only: a CPU timing says nothing about the competition machine."""
-    if run.device.type != "cuda":
-        return {}
-    return {"proj_8gpu_official_s": eval_projection_seconds(seconds, tokens, run.world_size)}
-
-
-def truncation_note(hp):
-    return {"val_max_tokens": hp.val_max_tokens, "WARNING": "val_split_truncated"} if hp.val_max_tokens else {}
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU (exact and fast enough for tiny models)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def all_reduce_max(tensor):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
 def rank_segment(num_tokens, rank, world_size):
-    """Contiguous part of the stream a rank owns in the chunked stages: tokens[first:last + 1], whose targets
+    """Contiguous part of the stream a rank owns in the stream stages: tokens[first:last + 1], whose targets
     first+1..last the rank scores (and learns from) alone; the segments cover targets 1..num_tokens-1 once."""
     bounds = [(num_tokens - 1) * r // world_size for r in range(world_size + 1)]
     return bounds[rank], bounds[rank + 1]
@@ -2426,6 +2521,84 @@ def chunk_targets(chunk):
     return start + 1 + score_from, chunk[-1][0] + chunk[-1][1] + 1
 
 
+@dataclass
+class EvalContext:
+    """What every stage reads: the model, the val tokens (on the device), byte tables, the eval settings, the eval
+    context length, this rank, the temperature that divides the logits of the stages after roundtrip, and `forward`
+    ((B, T) ids -> (B, T, D) hidden states; model.hidden, compiled on CUDA)."""
+    model: nn.Module
+    tokens: torch.Tensor
+    tables: tuple
+    cfg: EvalConfig
+    seq_len: int
+    run: Dist = field(default_factory=Dist)
+    temperature: float = 1.0
+    forward: object = None
+
+    @property
+    def device(self):
+        return self.tokens.device
+
+    @property
+    def vocab_size(self):
+        return self.model.cfg.vocab_size
+
+    def hidden(self, ids):
+        return self.forward(ids) if self.forward is not None else self.model.hidden(ids)[0]
+
+
+EVAL_ROWS = 4096  # scored positions per log-softmax / hook computation (bounds the (rows, V) temporaries)
+
+
+@torch.no_grad()
+def score_batch(ctx, windows, temperature=1.0, adjusters=()):
+    """(1 + len(adjusters), 3) float64 sums of NLL, bytes and scored targets over one forward pass of `windows`:
+    row 0 under the model's log-probs (logits / temperature), row j after the first j adjusters' adjust_logprobs.
+    Only the scored positions' hidden states go through the head. Every stage scores through this function."""
+    totals = torch.zeros(1 + len(adjusters), 3, dtype=torch.float64, device=ctx.device)
+    tokens = ctx.tokens
+    for length in sorted({w[1] for w in windows}):
+        same = [w for w in windows if w[1] == length]
+        starts = torch.tensor([s for s, _, _ in same], device=ctx.device)
+        offsets = torch.arange(length, device=ctx.device)
+        x = tokens[starts[:, None] + offsets[None, :]]
+        y = tokens[starts[:, None] + offsets[None, :] + 1]
+        keep = offsets[None, :] >= torch.tensor([f for _, _, f in same], device=ctx.device)[:, None]
+        with autocast(ctx.device):
+            logits = ctx.model.logits(ctx.hidden(x)[keep])
+        logits, targets = logits.float() / temperature, y[keep]
+        positions = (starts[:, None] + 1 + offsets[None, :])[keep]
+        for i in range(0, len(targets), EVAL_ROWS):
+            rows = slice(i, i + EVAL_ROWS)
+            logp = F.log_softmax(logits[rows], -1)
+            totals[0, 0] += -logp.gather(1, targets[rows, None]).squeeze(1).double().sum()
+            for j, hook in enumerate(adjusters, 1):
+                logp = hook.adjust_logprobs(logp, tokens, positions[rows])
+                totals[j, 0] += -logp.gather(1, targets[rows, None]).squeeze(1).double().sum()
+        totals[:, 1] += token_bytes(x, y, ctx.tables)[keep].double().sum()
+        totals[:, 2] += keep.sum()
+    return totals
+
+
+class EvalHook:
+    """A stream stage's hook. Per chunk k (targets [first, end)): before_chunk, then the chunk is scored (each
+    batch's log-probs go through adjust_logprobs when `adjusts`), then after_chunk (the only place a hook may learn:
+    its targets are all scored). close() runs once at the end, also on an error."""
+    adjusts = False
+
+    def before_chunk(self, ctx, k, first, end):
+        pass
+
+    def adjust_logprobs(self, logp, tokens, positions):
+        return logp
+
+    def after_chunk(self, ctx, first, end, last):
+        pass
+
+    def close(self):
+        pass
+
+
 HASH_PRIME = (1 << 40) - 87  # hashes stay below 2^40, so hash * (a multiplier < 2^22) never overflows int64
 HASH_MULT = 1_000_003
 
@@ -2439,7 +2612,7 @@ def context_hashes(tokens, positions, length, salt):
     return h, positions >= length
 
 
-class NgramCache:
+class NgramCache(EvalHook):
     """Backoff n-gram model of the already-scored val tokens as hash-bucketed int32 count tensors: per order
     1..NGRAM_MAX_ORDER a context table and a (context, next token) table, filled by scatter_add per chunk. At a
     position the highest order whose context was seen predicts; its distribution is the (context, v) counts over
@@ -2448,11 +2621,13 @@ class NgramCache:
     with H the model's entropy in nats; alpha = 0 where no context was seen."""
 
     PAIR_MULT = 2654435761
+    adjusts = True
 
-    def __init__(self, hp, device):
-        self.max_order, self.buckets, self.vocab_size = hp.ngram_max_order, hp.ngram_buckets, hp.vocab_size
-        self.alpha = (hp.ngram_alpha_base, hp.ngram_alpha_scale, hp.ngram_entropy_center, hp.ngram_alpha_max)
-        self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=device)
+    def __init__(self, ctx):
+        cfg = ctx.cfg
+        self.max_order, self.buckets, self.vocab_size = cfg.ngram_max_order, cfg.ngram_buckets, ctx.vocab_size
+        self.alpha = (cfg.ngram_alpha_base, cfg.ngram_alpha_scale, cfg.ngram_entropy_center, cfg.ngram_alpha_max)
+        self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=ctx.device)
         self.pair_counts = torch.zeros_like(self.context_counts)
 
     def _pair_bucket(self, h, next_tokens):
@@ -2468,6 +2643,9 @@ class NgramCache:
             self.context_counts[order - 1].scatter_add_(0, h % self.buckets, ones)
             self.pair_counts[order - 1].scatter_add_(0, self._pair_bucket(h, t), ones)
 
+    def after_chunk(self, ctx, first, end, last):
+        self.update(ctx.tokens, torch.arange(first, end, device=ctx.device))
+
     def predict(self, tokens, positions):
         """(N, V) n-gram distribution at each position and whether any context was seen (N,)."""
         order_index = torch.full_like(positions, -1)
@@ -2482,50 +2660,47 @@ class NgramCache:
         rows = self.pair_counts.view(-1)[index].float()
         return rows / rows.sum(-1, keepdim=True).clamp_min(1.0), order_index >= 0
 
-    def mixed_nll(self, logp, tokens, positions, targets):
+    def adjust_logprobs(self, logp, tokens, positions):
+        """log((1 - alpha) p_model + alpha p_ngram) over the whole vocabulary (N, V)."""
         probs, found = self.predict(tokens, positions)
         base, scale, center, most = self.alpha
         entropy = -(logp.exp() * logp).sum(-1)
-        alpha = (base + scale * torch.sigmoid(entropy - center)).clamp(0.0, most) * found
-        logp_model = logp.gather(1, targets[:, None]).squeeze(1)
-        p_ngram = probs.gather(1, targets[:, None]).squeeze(1)
-        return -torch.logaddexp(torch.log1p(-alpha) + logp_model, torch.log(alpha) + torch.log(p_ngram))
+        alpha = ((base + scale * torch.sigmoid(entropy - center)).clamp(0.0, most) * found)[:, None]
+        return torch.logaddexp(torch.log1p(-alpha) + logp, torch.log(alpha) + torch.log(probs))
 
 
 CPU_NOTIONAL_MEMORY_BYTES = 4 << 30  # EvalEngram's memory budget on the CPU, where there is no device memory to ask
 
 
-def engram_table_bytes(hp):
-    return len(hp.eval_engram_order_list) * hp.eval_engram_heads * hp.eval_engram_buckets * hp.vocab_size * 4
-
-
-def check_eval_config(hp, device):
-    """Refuse EvalEngram tables larger than EVAL_ENGRAM_MAX_MEMORY_FRACTION of the device memory (CPU: 4 GiB)."""
-    if not hp.eval_engram_enabled:
-        return
-    need = engram_table_bytes(hp)
-    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else CPU_NOTIONAL_MEMORY_BYTES
-    if need > hp.eval_engram_max_memory_fraction * memory:
-        raise ConfigError(f"EvalEngram tables need {need / 2**30:.2f} GiB ({len(hp.eval_engram_order_list)} EVAL_ENGRAM_ORDERS x "
-                          f"EVAL_ENGRAM_HEADS={hp.eval_engram_heads} x EVAL_ENGRAM_BUCKETS={hp.eval_engram_buckets} x "
-                          f"VOCAB_SIZE={hp.vocab_size} x 4 bytes) but EVAL_ENGRAM_MAX_MEMORY_FRACTION="
-                          f"{hp.eval_engram_max_memory_fraction} of {memory / 2**30:.1f} GiB allows "
-                          f"{hp.eval_engram_max_memory_fraction * memory / 2**30:.2f} GiB; lower EVAL_ENGRAM_BUCKETS, "
-                          "EVAL_ENGRAM_HEADS or the number of EVAL_ENGRAM_ORDERS")
-
-
-class EvalEngram:
+class EvalEngram(EvalHook):
     """Hashed n-gram -> next-token count tables (orders x heads x buckets x V, fp32), created empty at every
-    stage entry and filled only with already-scored tokens. Per order the context's row is the minimum over the
-    heads' rows (count-min sketch) and gives correction(v) = log((count(v) + LAPLACE) / (total + LAPLACE * V));
-    ALPHA times the mean over orders is added to the model's log-probs where the model's entropy (nats) exceeds
-    ENTROPY_THRESHOLD, then renormalized by a softmax."""
+    pass and filled only with already-scored tokens. Per order the context's row is the minimum over the heads'
+    rows (count-min sketch) and gives correction(v) = log((count(v) + LAPLACE) / (total + LAPLACE * V)); ALPHA times
+    the mean over orders is added to the log-probs where their entropy (nats) exceeds ENTROPY_THRESHOLD, then
+    renormalized by a log-softmax."""
 
-    def __init__(self, hp, device):
-        check_eval_config(hp, device)
-        self.orders, self.heads, self.buckets, self.vocab_size = hp.eval_engram_order_list, hp.eval_engram_heads, hp.eval_engram_buckets, hp.vocab_size
-        self.alpha, self.threshold, self.laplace = hp.eval_engram_alpha, hp.eval_engram_entropy_threshold, hp.eval_engram_laplace
-        self.counts = torch.zeros(len(self.orders), self.heads, self.buckets, self.vocab_size, device=device)
+    adjusts = True
+
+    def __init__(self, ctx):
+        cfg = ctx.cfg
+        self.check_memory(cfg, ctx.vocab_size, ctx.device)
+        self.orders, self.heads, self.buckets, self.vocab_size = cfg.eval_engram_order_list, cfg.eval_engram_heads, cfg.eval_engram_buckets, ctx.vocab_size
+        self.alpha, self.threshold, self.laplace = cfg.eval_engram_alpha, cfg.eval_engram_entropy_threshold, cfg.eval_engram_laplace
+        self.counts = torch.zeros(len(self.orders), self.heads, self.buckets, self.vocab_size, device=ctx.device)
+
+    @staticmethod
+    def check_memory(cfg, vocab_size, device):
+        """Refuse tables larger than EVAL_ENGRAM_MAX_MEMORY_FRACTION of the device memory (CPU: of 4 GiB)."""
+        orders = cfg.eval_engram_order_list
+        need = len(orders) * cfg.eval_engram_heads * cfg.eval_engram_buckets * vocab_size * 4
+        memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else CPU_NOTIONAL_MEMORY_BYTES
+        if need > cfg.eval_engram_max_memory_fraction * memory:
+            raise ConfigError(f"EvalEngram tables need {need / 2**30:.2f} GiB ({len(orders)} EVAL_ENGRAM_ORDERS x "
+                              f"EVAL_ENGRAM_HEADS={cfg.eval_engram_heads} x EVAL_ENGRAM_BUCKETS={cfg.eval_engram_buckets} x "
+                              f"VOCAB_SIZE={vocab_size} x 4 bytes) but EVAL_ENGRAM_MAX_MEMORY_FRACTION="
+                              f"{cfg.eval_engram_max_memory_fraction} of {memory / 2**30:.1f} GiB allows "
+                              f"{cfg.eval_engram_max_memory_fraction * memory / 2**30:.2f} GiB; lower EVAL_ENGRAM_BUCKETS, "
+                              "EVAL_ENGRAM_HEADS or the number of EVAL_ENGRAM_ORDERS")
 
     def _rows(self, tokens, positions, order_index):
         """Row index (N, heads) into counts.view(-1, V) of each position's context, and validity (N,)."""
@@ -2542,6 +2717,9 @@ class EvalEngram:
             flat = (rows[valid] * self.vocab_size + targets[valid, None]).flatten()
             self.counts.view(-1).index_add_(0, flat, torch.ones(len(flat), device=flat.device))
 
+    def after_chunk(self, ctx, first, end, last):
+        self.update(ctx.tokens, torch.arange(first, end, device=ctx.device))
+
     def correction(self, tokens, positions):
         table, total = self.counts.view(-1, self.vocab_size), 0.0
         for order_index in range(len(self.orders)):
@@ -2551,22 +2729,23 @@ class EvalEngram:
             total = total + smoothed * valid[:, None]
         return total / len(self.orders)
 
-    def adjust(self, logp, tokens, positions):
+    def adjust_logprobs(self, logp, tokens, positions):
         entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
         gate = (entropy > self.threshold).float()
         return F.log_softmax(logp + self.alpha * gate * self.correction(tokens, positions), -1)
 
 
 def ttt_parameters(model, scope, freeze_packed_engram):
-    """Parameters TTT_SCOPE adapts: scales = route 'scalar'; skc_safe = scales + ttt_group 'skc'; capsule_bank =
-    ttt_group 'capsule_bank'; all = everything. Packed engram tables (ttt_group 'engram') are excluded when frozen."""
+    """Parameters TTT_SCOPE adapts: scales = route 'scalar'; skc_safe = scales + the SKC mixer's TTT group;
+    capsule_bank = ttt_group 'capsule_bank'; all = everything. Packed engram tables (ttt_group 'engram') are
+    excluded when frozen."""
     chosen = []
     for p in model.parameters():
         group = getattr(p, "ttt_group", None)
         if group == "engram" and freeze_packed_engram:
             continue
         scalar = getattr(p, "route", None) == "scalar"
-        if (scope == "all" or (scope in ("scales", "skc_safe") and scalar) or (scope == "skc_safe" and group == "skc")
+        if (scope == "all" or (scope in ("scales", "skc_safe") and scalar) or (scope == "skc_safe" and group == SKCMixer.ttt_group)
                 or (scope == "capsule_bank" and group == "capsule_bank")):
             chosen.append(p)
     if not chosen:
@@ -2574,120 +2753,285 @@ def ttt_parameters(model, scope, freeze_packed_engram):
     return chosen
 
 
-class TestTimeTrainer:
+class TestTimeTrainer(EvalHook):
     """Legal TTT: after a chunk is scored, SGD with momentum (the buffer persists across chunks) and a grad clip
     on that chunk's targets only (inputs may reach back into earlier, scored tokens; targets never pass the chunk).
-    Only the TTT_SCOPE parameters move; `restore` puts back every weight, requires_grad flag and grad bit-exactly.
+    Only the TTT_SCOPE parameters move; close() puts back every weight, requires_grad flag and grad bit-exactly.
     No gradient is averaged across ranks: each rank adapts on its own segment."""
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, model, hp, device):
-        self.model, self.hp, self.device = model, hp, device
-        self.params = ttt_parameters(model, hp.ttt_scope, hp.freeze_packed_engram)
-        self.saved = [(p, p.detach().clone(), p.requires_grad, p.grad) for p in model.parameters()]
+    def __init__(self, ctx):
+        self.model, self.cfg, self.seq_len, self.device = ctx.model, ctx.cfg, ctx.seq_len, ctx.device
+        self.params = ttt_parameters(self.model, self.cfg.ttt_scope, self.cfg.freeze_packed_engram)
+        self.saved = [(p, p.detach().clone(), p.requires_grad, p.grad) for p in self.model.parameters()]
         self.engram = [(p, v) for p, v, _, _ in self.saved if getattr(p, "ttt_group", None) == "engram"]
         chosen = {id(p) for p in self.params}
-        for p in model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(id(p) in chosen)
             p.grad = None
-        self.optimizer = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        self.optimizer = torch.optim.SGD(self.params, lr=self.cfg.ttt_lr, momentum=self.cfg.ttt_momentum)
+
+    def after_chunk(self, ctx, first, end, last):
+        if not last:  # nothing is scored after the last chunk
+            self.adapt(ctx.tokens, first, end)
 
     def adapt(self, tokens, first_target, end_target):
-        """TTT_EPOCHS passes over targets first_target..end_target-1 in sequences of EVAL_SEQ_LEN."""
-        seq_len, batch_seqs = self.hp.eval_seq_len, self.hp.ttt_batch_seqs
+        """TTT_EPOCHS passes over targets first_target..end_target-1 in sequences of the eval context."""
+        seq_len, batch_seqs = self.seq_len, self.cfg.ttt_batch_seqs
         starts = [(s, min(seq_len, end_target - 1 - s)) for s in range(first_target - 1, end_target - 1, seq_len)]
-        for _ in range(self.hp.ttt_epochs):
-            for i in range(0, len(starts), batch_seqs):
-                batch = starts[i:i + batch_seqs]
-                total = sum(length for _, length in batch)
-                for length in sorted({length for _, length in batch}):
-                    same = [s for s, n in batch if n == length]
-                    x = torch.stack([tokens[s:s + length] for s in same])
-                    y = torch.stack([tokens[s + 1:s + length + 1] for s in same])
-                    with autocast(self.device):
-                        loss = self.model(x, y)
-                    (loss * (len(same) * length / total)).backward()
-                if self.hp.ttt_grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.model.post_step()  # the same constraints as in training (capsule predictor's diagonal clamp)
-        if self.hp.freeze_packed_engram == 2 and any(not torch.equal(p.detach(), v) for p, v in self.engram):
+        with torch.enable_grad():
+            for _ in range(self.cfg.ttt_epochs):
+                for i in range(0, len(starts), batch_seqs):
+                    self.step(tokens, starts[i:i + batch_seqs])
+        if self.cfg.freeze_packed_engram == 2 and any(not torch.equal(p.detach(), v) for p, v in self.engram):
             raise RuntimeError("FREEZE_PACKED_ENGRAM=2: a packed engram table (ttt_group 'engram') changed during TTT")
 
+    def step(self, tokens, batch):
+        total = sum(length for _, length in batch)
+        for length in sorted({length for _, length in batch}):
+            same = [s for s, n in batch if n == length]
+            x = torch.stack([tokens[s:s + length] for s in same])
+            y = torch.stack([tokens[s + 1:s + length + 1] for s in same])
+            with autocast(self.device):
+                loss = self.model(x, y)
+            (loss * (len(same) * length / total)).backward()
+        if self.cfg.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.ttt_grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.post_step()  # the same constraints as in training (capsule predictor's diagonal clamp)
+
     @torch.no_grad()
-    def restore(self):
+    def close(self):
         for p, value, requires_grad, grad in self.saved:
             p.copy_(value)
             p.requires_grad_(requires_grad)
             p.grad = grad
 
 
-def score_segment(model, tokens, hp, tables, device, stride, features, temperature=1.0, on_first_chunk=None, on_chunk=None):
-    """Chunked scoring of one contiguous token segment: for each chunk, score all its windows (no_grad), then
-    update the caches and TTT with that chunk's targets only. Returns (NLL, bytes, targets) sums, or None when
-    `on_first_chunk(seconds, fraction_done)` says stop. `on_chunk(k, first, end, ngram, engram)` is a test hook
-    called just before chunk k is scored. All weights are restored at the end."""
-    tokens = tokens.to(device)
-    chunks = chunk_windows(eval_windows(len(tokens), hp.eval_seq_len, stride), hp.ttt_chunk_tokens)
-    ngram = NgramCache(hp, device) if "ngram" in features else None
-    engram = EvalEngram(hp, device) if "evalengram" in features else None
-    trainer = TestTimeTrainer(model, hp, device) if "ttt" in features else None
-    batch = hp.sliding_batch_size if stride < hp.eval_seq_len else hp.eval_batch_seqs
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
+def stage_stride(ctx, stage):
+    return ctx.cfg.sliding_eval_stride if stage.sliding and ctx.cfg.sliding_eval else ctx.seq_len
+
+
+def batch_size(ctx, stride):
+    return ctx.cfg.sliding_batch_size if stride < ctx.seq_len else ctx.cfg.eval_batch_seqs
+
+
+def score_windows(ctx, stages, windows, temperature, within_budget=None):
+    """The windows scorer: batches of independent windows; the budget is asked after the first batch with the
+    share of this rank's windows done (the cost of a window does not depend on how many targets it scores)."""
+    batch = batch_size(ctx, stage_stride(ctx, stages[0]))
+    t0 = time.perf_counter()
+    first = score_batch(ctx, windows[:batch], temperature)
+    if within_budget is not None and not within_budget(elapsed_since(t0, ctx.device), batch_share(batch, windows)):
+        return None
+    rest = torch.zeros_like(first)
+    for i in range(batch, len(windows), batch):
+        rest += score_batch(ctx, windows[i:i + batch], temperature)
+    return first + rest
+
+
+def score_carry(ctx, stages, windows, temperature, within_budget=None, trace=None, carry_enabled=True):
+    """The carry scorer: windows in order, window k starting from the capsule-bank state pooled over windows 0..k-1
+    of this rank, which are all scored before it (carry_enabled=False: every window starts empty, the plain eval).
+    `trace` (a list) gets, per window, ((start, start + length), [(start, end) ranges that fed its carry])."""
+    totals, carry, fed = torch.zeros(1, 3, dtype=torch.float64, device=ctx.device), None, []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k, (start, length, score_from) in enumerate(windows):
+            x, y = ctx.tokens[start:start + length][None], ctx.tokens[start + 1:start + length + 1][None]
+            with autocast(ctx.device):
+                hidden, carry_out = ctx.model.hidden_with_carry(x, carry)
+                logits = ctx.model.logits(hidden).flatten(0, 1).float() / temperature
+                nll = F.cross_entropy(logits, y.flatten(), reduction="none").double()
+            keep = torch.arange(length, device=ctx.device) >= score_from
+            totals[0] += torch.stack([(nll * keep).sum(), (token_bytes(x, y, ctx.tables)[0].double() * keep).sum(), keep.sum().double()])
+            if trace is not None:
+                trace.append(((start, start + length), list(fed)))
+            if carry_enabled:
+                carry, fed = carry_out, fed + [(start, start + length)]
+            if k == 0 and within_budget is not None and not within_budget(elapsed_since(t0, ctx.device), 1 / len(windows)):
+                return None
+    if not windows and within_budget is not None and not within_budget(0.0, 1.0):  # every rank asks once
+        return None
+    return totals
+
+
+def score_stream(ctx, stages, windows, temperature, within_budget=None, observers=()):
+    """The stream scorer, one pass for all the stream `stages`: chunks of >= TTT_CHUNK_TOKENS scored targets in
+    order; each stage's hook is built at the start, sees each chunk (observers first, then the stages' hooks in
+    table order) and closes at the end. Row i of the result is stage i's sums: the log-probs after the adjusting
+    hooks of stages 0..i. The budget is asked after the first chunk with its share of the windows."""
+    hooks = [stage.hook(ctx) for stage in stages]
+    adjusters = [hook for hook in hooks if hook.adjusts]
+    rows = [sum(hook.adjusts for hook in hooks[:i + 1]) for i in range(len(hooks))]
+    chunks = chunk_windows(windows, ctx.cfg.ttt_chunk_tokens)
+    batch = batch_size(ctx, stage_stride(ctx, stages[0]))
+    totals = torch.zeros(1 + len(adjusters), 3, dtype=torch.float64, device=ctx.device)
     try:
         for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             first, end = chunk_targets(chunk)
-            if on_chunk is not None:
-                on_chunk(k, first, end, ngram, engram)
+            for hook in (*observers, *hooks):
+                hook.before_chunk(ctx, k, first, end)
             for i in range(0, len(chunk), batch):
-                totals += score_batch(model, tokens, chunk[i:i + batch], tables, device, temperature, ngram, engram)
-            positions = torch.arange(first, end, device=device)
-            for cache in (ngram, engram):
-                if cache is not None:
-                    cache.update(tokens, positions)
-            if trainer is not None and k < len(chunks) - 1:  # nothing is scored after the last chunk
-                trainer.adapt(tokens, first, end)
-            if k == 0 and on_first_chunk is not None:
-                synchronize(device)
-                if not on_first_chunk(time.perf_counter() - t0, (end - first) / max(len(tokens) - 1, 1)):
-                    return None
-        if not chunks and on_first_chunk is not None and not on_first_chunk(0.0, 1.0):  # every rank asks once
+                totals += score_batch(ctx, chunk[i:i + batch], temperature, adjusters)
+            for hook in (*observers, *hooks):
+                hook.after_chunk(ctx, first, end, k == len(chunks) - 1)
+            if k == 0 and within_budget is not None and not within_budget(elapsed_since(t0, ctx.device), len(chunk) / len(windows)):
+                return None
+        if not chunks and within_budget is not None and not within_budget(0.0, 1.0):  # every rank asks once
             return None
     finally:
-        if trainer is not None:
-            trainer.restore()
-        model.train(was_training)
-    return totals
+        for hook in hooks:
+            hook.close()
+    return totals[rows]
 
 
-def eval_chunked_stage(model, val_tokens, hp, tables, run, stride, features, temperature, within_budget=None):
-    """Loss and BPB of a chunked stage; each rank scores its own contiguous segment (TTT and the caches run in
-    stream order, so the segments cannot interleave). None if `within_budget` (see budget_check), asked with the
-    first chunk's time and its fraction of the segment, says stop."""
-    first, last = rank_segment(len(val_tokens), run.rank, run.world_size)
-    totals = score_segment(model, val_tokens[first:last + 1], hp, tables, run.device, stride, features, temperature,
-                           on_first_chunk=within_budget)
-    if totals is None:
+@dataclass(frozen=True)
+class EvalStage:
+    """One row of the eval table: its name, the EvalConfig field that switches it on (None: always on), its scorer,
+    the hook a stream stage adds (stream stages share one pass), and whether it uses sliding windows when
+    SLIDING_EVAL=1. A new stage is a hook class, one row and one flag."""
+    name: str
+    flag: str
+    scorer: object
+    hook: type = None
+    sliding: bool = True
+
+    @property
+    def streams(self):
+        return self.hook is not None
+
+
+EVAL_STAGES = (  # in this fixed order; the reported val_bpb is the last enabled stage's, declared before any eval
+    EvalStage("roundtrip", None, score_windows, sliding=False),  # the reloaded artifact, plain windows, temperature 1
+    EvalStage("sliding", "sliding_eval", score_windows),
+    EvalStage("capsule_carry", "capsule_carry_eval", score_carry, sliding=False),
+    EvalStage("ttt", "ttt_enabled", score_stream, TestTimeTrainer),
+    EvalStage("ngram", "ngram_cache_enabled", score_stream, NgramCache),
+    EvalStage("evalengram", "eval_engram_enabled", score_stream, EvalEngram),
+)
+
+
+def eval_plan(eval_cfg):
+    """The enabled stages, in table order."""
+    return [stage for stage in EVAL_STAGES if stage.flag is None or getattr(eval_cfg, stage.flag)]
+
+
+def elapsed_since(t0, device):
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def batch_share(batch, windows):
+    """The share of a rank's windows the first batch holds (1 for a rank without windows)."""
+    return min(batch, len(windows)) / len(windows) if windows else 1.0
+
+
+def stage_share(ctx, stage):
+    """This rank's share of a stage: (context, windows). windows / carry: a contiguous range of the stage's windows;
+    stream: all windows of the rank's contiguous token segment (TTT and caches run in stream order, so the
+    segments cannot interleave), with the context's tokens cut to that segment."""
+    run = ctx.run
+    if stage.streams:
+        first, last = rank_segment(len(ctx.tokens), run.rank, run.world_size)
+        ctx = dataclasses.replace(ctx, tokens=ctx.tokens[first:last + 1])
+        return ctx, eval_windows(len(ctx.tokens), ctx.seq_len, stage_stride(ctx, stage))
+    return ctx, rank_slice(eval_windows(len(ctx.tokens), ctx.seq_len, stage_stride(ctx, stage)), run.rank, run.world_size)
+
+
+def budget_check(eval_cfg, run, elapsed_s, stages, log):
+    """The EVAL_MAX_SECONDS rule as a callable (seconds, fraction_done) -> keep going?, or None when there is no
+    budget. Every rank must call it exactly once (it all-reduces the projection, the max over ranks)."""
+    if eval_cfg.eval_max_seconds <= 0:
         return None
-    totals = all_reduce_sum(totals)
-    return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
+
+    def within_budget(seconds, fraction):
+        # one decision for all ranks: the max over ranks of (own elapsed + own projection), so no rank skips alone
+        mine = torch.tensor([elapsed_s + seconds / max(fraction, 1e-12), elapsed_s], dtype=torch.float64, device=run.device)
+        finish_s, elapsed = all_reduce_max(mine).tolist()
+        if finish_s <= eval_cfg.eval_max_seconds:
+            return True
+        for stage in stages:
+            log(kv("eval_skip", stage=stage, projected_s=finish_s - elapsed, budget_s=eval_cfg.eval_max_seconds, elapsed_s=elapsed))
+        return False
+    return within_budget
+
+
+def run_stage_group(ctx, stages, elapsed_s, log):
+    """Run one stage (or the stream stages' shared pass) on every rank: eval mode, the rank's share, the budget
+    check (never for roundtrip), the scorer, the all-reduce. Returns {stage name: result dict} ({} when skipped)."""
+    model, was_training = ctx.model, ctx.model.training
+    temperature = 1.0 if stages[0].name == "roundtrip" else ctx.temperature
+    budget = None if stages[0].name == "roundtrip" else budget_check(ctx.cfg, ctx.run, elapsed_s, [s.name for s in stages], log)
+    share, windows = stage_share(ctx, stages[0])
+    t0 = time.perf_counter()
+    model.eval()
+    try:
+        totals = stages[0].scorer(share, stages, windows, temperature, budget)
+    finally:
+        model.train(was_training)
+    if totals is None:
+        return {}
+    totals, seconds = all_reduce_sum(totals), time.perf_counter() - t0
+    return {stage.name: dict(val_loss=float(row[0] / row[2]), val_bpb=bits_per_byte(row[0], row[1]), tokens=int(row[2]),
+                             eval_s=seconds, pass_name=stages[0].name) for stage, row in zip(stages, totals)}
+
+
+def run_eval_stack(ctx, log, truncation=None):
+    """Every stage of the plan in table order (the stream stages in one shared pass); a stage whose projected time
+    (after its first batch, window or chunk) would pass EVAL_MAX_SECONDS is skipped with an `eval_skip` line; the
+    roundtrip always runs. Returns {stage: dict(val_loss, val_bpb, tokens, eval_s, pass_name)}."""
+    plan, results, start = eval_plan(ctx.cfg), {}, time.perf_counter()
+    groups = [[stage] for stage in plan if not stage.streams] + [[stage for stage in plan if stage.streams]]
+    for group in filter(None, groups):
+        for name, result in run_stage_group(ctx, group, time.perf_counter() - start, log).items():
+            results[name] = result
+            rate = result["tokens"] / max(result["eval_s"], 1e-9)
+            log(kv("eval", stage=name, val_loss=result["val_loss"], val_bpb=result["val_bpb"], eval_s=result["eval_s"],
+                   tokens=result["tokens"], tok_s=int(rate), tok_s_gpu=int(rate / ctx.run.world_size), pass_name=result["pass_name"],
+                   **projection_note(result["eval_s"], result["tokens"], ctx.run), **(truncation or {})))
+    if ctx.run.device.type == "cuda":
+        passes = {r["pass_name"]: r for r in results.values()}  # a shared pass counts once
+        projected = sum(eval_projection_seconds(r["eval_s"], r["tokens"], ctx.run.world_size) for r in passes.values())
+        log(kv("eval_projection", stages=",".join(results), official_val_tokens=OFFICIAL_VAL_TOKENS, gpus=PROJECTION_GPUS,
+               projected_s=projected, limit_s=600))
+    return results
+
+
+OFFICIAL_VAL_TOKENS = 40_500_000  # sp8192 tokens of the official FineWeb val split (about; the figure of issue 4)
+PROJECTION_GPUS = 8                # the competition machine: 8 GPUs of the kind this run is on
+
+
+def eval_projection_seconds(seconds, tokens, world_size):
+    """A stage's time on the official val split over PROJECTION_GPUS GPUs: every stage costs a fixed amount per
+    scored token and splits over ranks without communication, so time scales with tokens / GPUs (an estimate)."""
+    return seconds * OFFICIAL_VAL_TOKENS / max(tokens, 1) * world_size / PROJECTION_GPUS
+
+
+def projection_note(seconds, tokens, run):
+    """`proj_8gpu_official_s` on CUDA only: a CPU timing says nothing about the competition machine."""
+    if run.device.type != "cuda":
+        return {}
+    return {"proj_8gpu_official_s": eval_projection_seconds(seconds, tokens, run.world_size)}
+
+
+def truncation_note(run_cfg):
+    return {"val_max_tokens": run_cfg.val_max_tokens, "WARNING": "val_split_truncated"} if run_cfg.val_max_tokens else {}
 
 
 @torch.no_grad()
-def temperature_nll(model, tokens, hp, device, temperatures):
+def temperature_nll(model, tokens, seq_len, batch_seqs, device, temperatures):
     """Mean NLL (nats) of plain windows over `tokens` at each temperature, from one forward pass."""
     temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
     sums, count = torch.zeros(len(temps), dtype=torch.float64, device=device), 0
     tokens = tokens.to(device)
-    windows = eval_windows(len(tokens), hp.eval_seq_len, hp.eval_seq_len)
-    for i in range(0, len(windows), hp.eval_batch_seqs):
-        for length in sorted({w[1] for w in windows[i:i + hp.eval_batch_seqs]}):
-            starts = [s for s, n, _ in windows[i:i + hp.eval_batch_seqs] if n == length]
+    windows = eval_windows(len(tokens), seq_len, seq_len)
+    for i in range(0, len(windows), batch_seqs):
+        for length in sorted({w[1] for w in windows[i:i + batch_seqs]}):
+            starts = [s for s, n, _ in windows[i:i + batch_seqs] if n == length]
             x = torch.stack([tokens[s:s + length] for s in starts])
             y = torch.stack([tokens[s + 1:s + length + 1] for s in starts]).flatten()
             with autocast(device):
@@ -2698,125 +3042,122 @@ def temperature_nll(model, tokens, hp, device, temperatures):
     return (sums / count).cpu()
 
 
-def fit_temperature(model, tokens, hp, device):
+def fit_temperature(model, tokens, seq_len, batch_seqs, device):
     """Softmax temperature minimizing the NLL of `tokens`: a log-spaced grid over [0.5, 2], then a fine linear
     grid between the best point's neighbours. Returns (temperature, NLL at 1, NLL at the temperature)."""
     coarse = np.geomspace(0.5, 2.0, 25)
-    best = int(temperature_nll(model, tokens, hp, device, coarse).argmin())
+    best = int(temperature_nll(model, tokens, seq_len, batch_seqs, device, coarse).argmin())
     fine = np.linspace(coarse[max(best - 1, 0)], coarse[min(best + 1, len(coarse) - 1)], 21)
-    nll = temperature_nll(model, tokens, hp, device, list(fine) + [1.0])
+    nll = temperature_nll(model, tokens, seq_len, batch_seqs, device, list(fine) + [1.0])
     j = int(nll[:-1].argmin())
     return float(fine[j]), float(nll[-1]), float(nll[j])
 
 
-def fit_temperature_from_train(model, hp, run, log):
-    tokens = train_tail(hp.data_path, hp.vocab_size, hp.temp_fit_tokens)  # held out of training, never val
+def fit_temperature_on_train_tail(model, config, run, log):
+    """TEMP_SCALING: the temperature of the model about to be exported, fitted on the held-out train tail (never
+    val), inside the training budget; it is stored in the artifact (meta) for the eval stages after roundtrip."""
+    tokens = train_tail(config.run.data_path, config.model.vocab_size, config.eval.temp_fit_tokens)
     was_training = model.training
     model.eval()
-    temperature, nll_before, nll_after = fit_temperature(model, tokens, hp, run.device)
+    temperature, nll_before, nll_after = fit_temperature(model, tokens, config.eval_seq_len, config.eval.eval_batch_seqs, run.device)
     model.train(was_training)
-    log(kv("temperature", fitted=temperature, fit_tokens=len(tokens), source="train_tail", nll_t1=nll_before, nll_fit=nll_after))
+    log(kv("temperature_fit", temperature=temperature, fit_tokens=len(tokens), source="train_tail", nll_t1=nll_before, nll_fit=nll_after))
     return temperature
 
 
-def check_artifact_matches(model, hp, path):
+def eval_temperature(meta, eval_cfg, label):
+    """The temperature of the stages after roundtrip: the artifact's fitted one with TEMP_SCALING=1, else 1."""
+    if not eval_cfg.temp_scaling:
+        return 1.0
+    if "temperature" not in meta:
+        raise ConfigError(f"TEMP_SCALING=1 but artifact {label} holds no fitted temperature (it was trained with "
+                          "TEMP_SCALING=0); train with TEMP_SCALING=1 or set TEMP_SCALING=0")
+    return float(meta["temperature"])
+
+
+def check_artifact_matches(model, config, label):
     """A reloaded artifact must fit the run's tokenizer and eval config; say which variable to change."""
-    cfg = model.cfg
-    if cfg.vocab_size != hp.vocab_size:
-        raise ConfigError(f"ARTIFACT={path} has vocab size {cfg.vocab_size} but VOCAB_SIZE={hp.vocab_size} (TOKENIZER_PATH="
-                          f"{hp.tokenizer_path}); use the tokenizer and DATA_PATH the artifact was trained with")
-    if hp.ttt_enabled:
-        ttt_parameters(model, hp.ttt_scope, hp.freeze_packed_engram)
+    if model.cfg.vocab_size != config.model.vocab_size:
+        raise ConfigError(f"ARTIFACT={label} has vocab size {model.cfg.vocab_size} but VOCAB_SIZE={config.model.vocab_size} "
+                          f"(TOKENIZER_PATH={config.run.tokenizer_path}); use the tokenizer and DATA_PATH the artifact was trained with")
+    if config.eval.ttt_enabled:
+        ttt_parameters(model, config.eval.ttt_scope, config.eval.freeze_packed_engram)
+    if config.eval.eval_engram_enabled:
+        EvalEngram.check_memory(config.eval, model.cfg.vocab_size, next(model.parameters()).device)
 
 
-
-@torch.no_grad()
-def score_stream_with_carry(model, tokens, seq_len, tables, device, windows=None, carry_enabled=True, trace=None,
-                            temperature=1.0, on_first_window=None):
-    """Score non-overlapping windows in order, carrying the capsule-bank state: window k starts from the state pooled
-    over windows 0..k-1, which are all scored before it. Returns (NLL, bytes, targets) sums like score_windows, or
-    None when `on_first_window(seconds, fraction_done)` says stop. trace (a list) gets, per window,
-    ((start, start + length), [(start, end) ranges that fed its carry])."""
-    windows = windows if windows is not None else eval_windows(len(tokens), seq_len, seq_len)
-    totals, carry, fed = torch.zeros(3, dtype=torch.float64, device=device), None, []
-    t0 = time.perf_counter()
-    for k, (start, length, score_from) in enumerate(windows):
-        x, y = tokens[start:start + length][None].to(device), tokens[start + 1:start + length + 1][None].to(device)
-        with autocast(device):
-            hidden, new_carry = model.hidden_with_carry(x, carry if carry_enabled else None)
-            logits = model.logits(hidden).flatten(0, 1) / temperature
-            nll = F.cross_entropy(logits, y.flatten(), reduction="none").double()
-        keep = torch.arange(length, device=device) >= score_from
-        totals += torch.stack([(nll * keep).sum(), (token_bytes(x, y, tables)[0].double() * keep).sum(), keep.sum().double()])
-        if trace is not None:
-            trace.append(((start, start + length), list(fed)))
-        if carry_enabled:
-            carry, fed = new_carry, fed + [(start, start + length)]
-        if k == 0 and on_first_window is not None and not on_first_window(*first_batch_timing(t0, windows[:1], windows, device)):
-            return None
-    if not windows and on_first_window is not None and not on_first_window(0.0, 1.0):  # every rank asks once
-        return None
-    return totals
-
-
-def carry_stage(model, val_tokens, hp, tables, run, stride, temperature=1.0, within_budget=None):
-    """The capsule_carry stage: each rank carries through its own contiguous range of non-overlapping windows.
-    None if `within_budget` (see budget_check), asked after the first window, says stop."""
-    was_training = model.training
-    model.eval()
-    windows = rank_slice(eval_windows(len(val_tokens), hp.eval_seq_len, stride), run.rank, run.world_size)
-    try:
-        totals = score_stream_with_carry(model, val_tokens, hp.eval_seq_len, tables, run.device, windows,
-                                         temperature=temperature, on_first_window=within_budget)
-    finally:
-        model.train(was_training)
-    if totals is None:
-        return None
-    totals = all_reduce_sum(totals)
-    return float(totals[0] / totals[2]), bits_per_byte(totals[0], totals[1]), int(totals[2])
+def eval_forward(model, run_cfg, device):
+    """The eval forward ((B, T) ids -> (B, T, D) hidden states): compiled on CUDA (COMPILE), else model.hidden."""
+    if run_cfg.compile == 1 or (run_cfg.compile == -1 and device.type == "cuda"):
+        return torch.compile(lambda ids: model.hidden(ids)[0], dynamic=False)
+    return None
 
 # -----------------------------------------------------------------------------------------------------------------
 # TRAIN
+# One optimizer step (train_step), the compile warm-up, and the loop. The loop's clock stops for validation; the
+# elapsed time and the loss are all-reduced every step, so every rank takes the same schedule and the same decision
+# to stop. Whatever reads train data after the loop (calibration, pruning, the temperature fit) runs inside the
+# training budget: the loop stops TRAIN_DATA_RESERVE_SECONDS before MAX_WALLCLOCK_SECONDS to leave them the time.
 # -----------------------------------------------------------------------------------------------------------------
 
 class TrainingDiverged(RuntimeError):
     """The train loss is not finite or ran away (LOSS_RUNAWAY_RATIO); raised before anything is exported."""
 
 
-def grad_accum_steps(hp, run):
-    total = hp.grad_accum_steps or (8 if run.device.type == "cuda" else 1)
+def grad_accum_steps(train_cfg, seq_len, run):
+    total = train_cfg.grad_accum_steps or (8 if run.device.type == "cuda" else 1)
     if total % run.world_size:
         raise ConfigError(f"GRAD_ACCUM_STEPS={total} must be a multiple of the world size {run.world_size}")
-    local = total // run.world_size
-    if hp.train_batch_tokens % (total * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into GRAD_ACCUM_STEPS={total} "
-                          f"micro-batches of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences")
-    return local
+    if train_cfg.train_batch_tokens % (total * seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={train_cfg.train_batch_tokens} must split into GRAD_ACCUM_STEPS={total} "
+                          f"micro-batches of whole TRAIN_SEQ_LEN={seq_len} sequences")
+    return total // run.world_size
 
 
-def train_step(model, optimizers, loader, hp, run, accum, step, fraction):
-    """One optimizer step over `accum` micro-batches; returns the mean loss (a tensor, no host sync)."""
-    micro_tokens = hp.train_batch_tokens // accum
+TEMPERATURE_FIT_RESERVE_S = 20.0  # the temperature fit: two passes over TEMP_FIT_TOKENS (65,536: ~1 s on an H100)
+PRUNE_RESERVE_S = 10.0            # row pruning: one hit count over CALIB_TOKENS
+
+
+def train_budget(config):
+    """The loop's budget: MAX_WALLCLOCK_SECONDS minus the reserve for the post-loop work that reads train data
+    (TRAIN_DATA_RESERVE_SECONDS, or -1: CALIB_MAX_SECONDS when calibrating, plus the fit and pruning allowances)."""
+    train_cfg, export_cfg = config.train, config.export
+    reserve = train_cfg.train_data_reserve_seconds
+    if reserve < 0:
+        reserve = ((export_cfg.calib_max_seconds if export_cfg.export_search else 0.0)
+                   + (PRUNE_RESERVE_S if export_cfg.engram_prune_min_hits else 0.0)
+                   + (TEMPERATURE_FIT_RESERVE_S if config.eval.temp_scaling else 0.0))
+    if train_cfg.max_wallclock_seconds <= 0:
+        return TrainBudget(0.0, train_cfg.iterations, 0.0)
+    _require(reserve < train_cfg.max_wallclock_seconds, f"the {reserve:.0f} s reserved for reading train data after the loop "
+             f"(TRAIN_DATA_RESERVE_SECONDS / CALIB_MAX_SECONDS) leave nothing of MAX_WALLCLOCK_SECONDS={train_cfg.max_wallclock_seconds}")
+    return TrainBudget(train_cfg.max_wallclock_seconds - reserve, train_cfg.iterations, reserve)
+
+
+def train_step(model, optimizers, loader, train_cfg, seq_len, run, accum, step, fraction):
+    """One optimizer step over `accum` micro-batches; returns the mean loss (a tensor, no host sync) and the LR scale."""
+    micro_tokens = train_cfg.train_batch_tokens // accum
     total = torch.zeros((), device=run.device)
     for micro in range(accum):
-        x, y = loader.next_batch(micro_tokens, hp.train_seq_len)
-        if hp.curriculum_enabled:
-            seq_len = curriculum_seq_len(fraction, hp.curriculum_min_seq_len, hp.train_seq_len, hp.curriculum_end_fraction)
-            x, y = x.reshape(-1, seq_len), y.reshape(-1, seq_len)
+        x, y = loader.next_batch(micro_tokens, seq_len)
+        if train_cfg.curriculum_enabled:
+            rows = curriculum_seq_len(fraction, train_cfg.curriculum_min_seq_len, seq_len, train_cfg.curriculum_end_fraction)
+            x, y = x.reshape(-1, rows), y.reshape(-1, rows)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro == accum - 1
         with autocast(run.device):
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach() / accum
-    scale = lr_scale(fraction, hp.warmup_fraction, hp.warmdown_fraction)
+    scale = lr_scale(fraction, train_cfg.warmup_fraction, train_cfg.warmdown_fraction)
+    momentum = muon_momentum(step, train_cfg.muon_momentum_warmup_start, train_cfg.muon_momentum, train_cfg.muon_momentum_warmup_steps)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step, hp.muon_momentum_warmup_start, hp.muon_momentum, hp.muon_momentum_warmup_steps)
-    if hp.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]], hp.grad_clip_norm)
+                group["momentum"] = momentum
+    if train_cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]], train_cfg.grad_clip_norm)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -2826,26 +3167,21 @@ def train_step(model, optimizers, loader, hp, run, accum, step, fraction):
     return total, scale
 
 
-def compile_warmup(model, optimizers, loader, hp, run, accum, base_model):
+def compile_warmup(model, optimizers, loader, train_cfg, seq_len, run, accum, base_model):
     """Run WARMUP_STEPS steps so compilation happens off the clock, then restore weights, optimizer state and
     data position exactly."""
-    if hp.warmup_steps <= 0:
+    if train_cfg.warmup_steps <= 0:
         return 0.0
     t0 = time.perf_counter()
     saved = (copy.deepcopy(base_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers], loader.state())
-    for step in range(hp.warmup_steps):
-        train_step(model, optimizers, loader, hp, run, accum, step, 0.0)
+    for step in range(train_cfg.warmup_steps):
+        train_step(model, optimizers, loader, train_cfg, seq_len, run, accum, step, 0.0)
     base_model.load_state_dict(saved[0])
     for opt, state in zip(optimizers, saved[1]):
         opt.load_state_dict(state)
     loader.restore(saved[2])
     synchronize(run.device)
     return time.perf_counter() - t0
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def compiled_frames():
@@ -2865,127 +3201,89 @@ def log_compile_stats(log, frames_after_warmup):
                unique_graphs=counters["stats"].get("unique_graphs", 0), frames=compiled_frames()))
 
 
-def train(model, base_model, optimizers, loader, hp, run, log, ema, validate, on_step=None):
-    """The training loop. The clock (train_seconds) stops for validation; elapsed time and loss are all-reduced
-    every step, so every rank takes the same schedule and the same decision to stop."""
-    accum = grad_accum_steps(hp, run)
-    compile_seconds = compile_warmup(model, optimizers, loader, hp, run, accum, base_model)
+def check_loss(loss_value, step, last_finite, train_cfg, vocab_size):
+    """Stop before anything is exported when the loss is not finite or has run away (LOSS_RUNAWAY_RATIO)."""
+    if not math.isfinite(loss_value):
+        before = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite[0] else "no step had a finite loss"
+        raise TrainingDiverged(f"train loss is {loss_value} at step {step}; {before}. No artifact was written. "
+                               "Lower MATRIX_LR / EMBED_LR or set GRAD_CLIP_NORM.")
+    limit = train_cfg.loss_runaway_ratio * math.log(vocab_size)
+    if train_cfg.loss_runaway_ratio and loss_value > limit:
+        raise TrainingDiverged(f"train loss {loss_value:.4f} at step {step} ran away: above LOSS_RUNAWAY_RATIO={train_cfg.loss_runaway_ratio} "
+                               f"x ln(VOCAB_SIZE) = {limit:.2f} (step {last_finite[0]}: {last_finite[1]:.4f}). No artifact was written. "
+                               "An auxiliary loss term (capsule, MoE, routing entropy) or the learning rate is the usual cause.")
+
+
+def train(model, base_model, optimizers, loader, train_cfg, budget, run, log, ema, validate, on_step=None):
+    """The training loop; returns (steps, loop seconds, compile seconds)."""
+    seq_len = base_model.cfg.train_seq_len
+    accum = grad_accum_steps(train_cfg, seq_len, run)
+    compile_seconds = compile_warmup(model, optimizers, loader, train_cfg, seq_len, run, accum, base_model)
     frames_after_warmup = compiled_frames()
-    log(kv(f"compile_s:{compile_seconds:.2f}", warmup_steps=hp.warmup_steps))
+    log(kv("compile", compile_s=compile_seconds, warmup_steps=train_cfg.warmup_steps))
     step, train_seconds, last_finite = 0, 0.0, (0, float("nan"))
-    tokens_per_step = hp.train_batch_tokens
-    flops = flops_per_token(base_model, hp.train_seq_len)
+    flops = flops_per_token(base_model, seq_len)
     while True:
         # validate if due (off the clock)
-        if hp.val_loss_every and step and step % hp.val_loss_every == 0:
+        if train_cfg.val_loss_every and step and step % train_cfg.val_loss_every == 0:
             validate(step)
         # one optimizer step, timed
         t0 = time.perf_counter()
-        fraction = training_fraction(step, train_seconds, hp)
+        fraction = budget.fraction(step, train_seconds)
         base_model.set_progress(fraction)
-        loss, scale = train_step(model, optimizers, loader, hp, run, accum, step, fraction)
+        loss, scale = train_step(model, optimizers, loader, train_cfg, seq_len, run, accum, step, fraction)
         on_step(fraction) if on_step else None
         synchronize(run.device)
         stats = all_reduce_sum(torch.stack([torch.tensor(time.perf_counter() - t0, device=run.device), loss.float()]))
         step_seconds, loss_value = (stats / run.world_size).tolist()
         train_seconds += step_seconds
         step += 1
-        # stop on a non-finite loss before anything is exported
-        if not math.isfinite(loss_value):
-            before = f"last finite loss {last_finite[1]:.4f} at step {last_finite[0]}" if last_finite[0] else "no step had a finite loss"
-            raise TrainingDiverged(f"train loss is {loss_value} at step {step}; {before}. No artifact was written. "
-                                "Lower MATRIX_LR / EMBED_LR or set GRAD_CLIP_NORM.")
-        if hp.loss_runaway_ratio and loss_value > hp.loss_runaway_ratio * math.log(hp.vocab_size):
-            raise TrainingDiverged(f"train loss {loss_value:.4f} at step {step} ran away: above LOSS_RUNAWAY_RATIO={hp.loss_runaway_ratio} x "
-                                f"ln(VOCAB_SIZE={hp.vocab_size}) = {hp.loss_runaway_ratio * math.log(hp.vocab_size):.2f} (last loss "
-                                f"{last_finite[1]:.4f} at step {last_finite[0]}). No artifact was written. The soft-capped "
-                                f"cross-entropy alone stays below ln(V) + 2 x LOGIT_SOFTCAP, so an auxiliary loss term (capsule "
-                                "consistency, MoE balance, routing entropy) or the learning rate is the usual cause.")
+        # stop on a non-finite or runaway loss before anything is exported
+        check_loss(loss_value, step, last_finite, train_cfg, base_model.cfg.vocab_size)
         last_finite = (step, loss_value)
-        ema.update(base_model, training_fraction(step, train_seconds, hp)) if ema else None
+        ema.update(base_model, budget.fraction(step, train_seconds)) if ema else None
         # log (always the first and the last step)
-        stop = step >= hp.iterations or (hp.max_wallclock_seconds and train_seconds >= hp.max_wallclock_seconds)
-        if step % hp.train_log_every == 0 or step == 1 or stop:
-            remaining = max(hp.max_wallclock_seconds - train_seconds, 0.0) if hp.max_wallclock_seconds else 0.0
-            tokens_per_second = tokens_per_step * step / max(train_seconds, 1e-9)
+        stop = budget.done(step, train_seconds)
+        if step % train_cfg.train_log_every == 0 or step == 1 or stop:
+            tokens_per_second = train_cfg.train_batch_tokens * step / max(train_seconds, 1e-9)
             mfu = tokens_per_second * flops / run.world_size / H100_BF16_PEAK_FLOPS if run.device.type == "cuda" else 0.0
-            log(kv(f"step:{step}", train_loss=loss_value, lr_scale=scale, step_ms=1000 * train_seconds / step,
+            log(kv("train", step=step, train_loss=loss_value, lr_scale=scale, step_ms=1000 * train_seconds / step,
                    tok_s=int(tokens_per_second), tok_s_gpu=int(tokens_per_second / run.world_size), mfu=mfu,
-                   elapsed_s=train_seconds, remaining_s=remaining))
+                   elapsed_s=train_seconds, remaining_s=max(budget.loop_seconds - train_seconds, 0.0)))
         if stop:
             log_compile_stats(log, frames_after_warmup)
             return step, train_seconds, compile_seconds
 
+
+def post_loop_train_data_work(base_model, config, run, log, budget, loop_seconds):
+    """Everything after the loop that reads train data, timed against the reserve it got (TRAIN section header):
+    scalars to fp16, pruning, clip search, calibration (all export_fidelity), and the temperature fit. Returns the
+    artifact's meta ({"temperature": T} with TEMP_SCALING=1)."""
+    t0 = time.perf_counter()
+    wallclock = config.train.max_wallclock_seconds
+    calib_seconds = config.export.calib_max_seconds if wallclock <= 0 else max(min(config.export.calib_max_seconds, budget.reserve_seconds - 1), 0.1)
+    export_fidelity(base_model, config, run, log, calib_seconds)
+    meta = {}
+    if config.eval.temp_scaling:
+        temperature = fit_temperature_on_train_tail(base_model, config, run, log) if run.is_main else None
+        meta["temperature"] = broadcast_object(temperature)
+    seconds = time.perf_counter() - t0
+    log(kv("train_data_after_loop", seconds=seconds, reserve_s=budget.reserve_seconds, loop_s=loop_seconds,
+           total_s=loop_seconds + seconds, limit_s=wallclock, within_budget=int(wallclock <= 0 or loop_seconds + seconds <= wallclock)))
+    return meta
+
 # -----------------------------------------------------------------------------------------------------------------
 # MAIN
+# config -> ranks and run id -> log header -> data and tokenizer checks -> model and budget check -> train ->
+# post-loop train-data work (inside the training budget) -> export -> reload from the artifact's bytes -> eval stack
+# -> submission.json and the final line. EVAL_ONLY=1 goes from the checks straight to the reload.
 # -----------------------------------------------------------------------------------------------------------------
 
-REPO_DIR = Path(__file__).resolve().parent
-SHARED_DIR = REPO_DIR.parent / "shared"
-
-
-OWN_TEXT_VAL_PARAGRAPHS = 300  # without ../shared: the first 300 paragraphs of the project's text are the val split
-
-
-def prepare_smoke_data(hp, run, log):
-    """RUN_PRESET=smoke: tokenize a small corpus into DATA_PATH. Default: a slice of ../shared/corpus with the
-    official sp8192 tokenizer; without ../shared, the project's own docs and sources with a tokenizer trained on
-    them (said loudly in the log)."""
-    corpus = [p for pattern in hp.corpus.split(",") if pattern.strip() for p in sorted(glob.glob(pattern.strip()))]
-    shared_train = SHARED_DIR / "corpus" / "fineweb.train_1mb.jsonl"
-    if hp.corpus and not corpus:
-        raise ConfigError(f"CORPUS={hp.corpus!r} matches no files")
-    own_text = not corpus and not shared_train.is_file()
-    if own_text:
-        corpus = sorted(str(p) for p in REPO_DIR.rglob("*") if p.suffix in (".md", ".py", ".sh", ".txt")
-                        and p.is_file() and not any(part.startswith(".") or part in ("logs", "artifacts", "data") for part in p.relative_to(REPO_DIR).parts[:-1]))
-        log("smoke: WARNING no ../shared/corpus found; the corpus is this project's own docs and sources "
-            f"({len(corpus)} files) and the tokenizer is trained on them. BPB is not comparable to FineWeb runs.")
-    elif not corpus:
-        corpus = [str(shared_train)]
-    tokenizer = hp.tokenizer_path or str(SHARED_DIR / "tokenizers" / "fineweb_8192_bpe.model")
-    key = hashlib.sha256(json.dumps([corpus, tokenizer if not own_text else "own"]).encode()).hexdigest()[:10]
-    data_path = Path(hp.data_path) / key
-    if run.is_main and not (data_path / "meta.json").is_file():
-        sys.path.insert(0, str(REPO_DIR / "data"))
-        import tokenize_corpus
-        if own_text or not Path(tokenizer).is_file():
-            tokenizer = train_own_tokenizer(corpus, data_path)
-        val_file = SHARED_DIR / "corpus" / "fineweb.val.jsonl"
-        if val_file.is_file() and not own_text:
-            val_path = data_path / "val_docs.jsonl"
-            data_path.mkdir(parents=True, exist_ok=True)
-            with open(val_file) as src:
-                val_path.write_text("".join(line for _, line in zip(range(40), src)))
-            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_file=str(val_path), workers=1, log=log)
-        else:
-            meta = tokenize_corpus.tokenize_corpus(corpus, tokenizer, str(data_path), val_docs=OWN_TEXT_VAL_PARAGRAPHS,
-                                                   workers=1, split_paragraphs=own_text, log=log)
-        log(kv("smoke_data", path=data_path, train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"]))
-    barrier()
-    meta = json.loads((data_path / "meta.json").read_text())
-    hp.data_path, hp.tokenizer_path = str(data_path), meta["tokenizer_path"]
-    if "VOCAB_SIZE" not in hp.explicit:
-        hp.vocab_size = meta["vocab_size"]
-
-
-def train_own_tokenizer(corpus, out_dir, vocab_size=1024):
-    """A small BPE SentencePiece model (byte fallback) on the given text files."""
-    import sentencepiece as spm
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text_path = out_dir / "tokenizer_text.txt"
-    text_path.write_text("\n".join(Path(p).read_text(errors="replace") for p in corpus))
-    spm.SentencePieceTrainer.train(input=str(text_path), model_prefix=str(out_dir / "own_bpe"), vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2,
-                                   unk_id=3, pad_id=0, minloglevel=2)
-    return str(out_dir / "own_bpe.model")
-
-
-def log_header(log, hp, run):
+def log_header(log, run):
     log(f"source_file:{Path(__file__).resolve()}", console=False)
     log(Path(__file__).read_text(), console=False)
     log(kv("versions", python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__,
-           cuda=torch.version.cuda, device=run.device, world_size=run.world_size, flash_attn=FLASH_ATTENTION is not None))
+           cuda=torch.version.cuda, device=run.device, world_size=run.world_size, flash_attn_installed=FLASH_ATTENTION is not None))
     if run.device.type == "cuda":
         import subprocess
         try:
@@ -2993,7 +3291,23 @@ def log_header(log, hp, run):
             log(smi.stdout or smi.stderr, console=False)
         except OSError:
             log("nvidia-smi: not found", console=False)
-    log("config " + json.dumps(hp.as_dict(), sort_keys=True, default=str))
+
+
+def resolve_smoke_data(config, run, log):
+    """RUN_PRESET=smoke builds its corpus; the preset's rewrite of DATA_PATH, TOKENIZER_PATH (and VOCAB_SIZE unless
+    set) is logged as such, before the config line."""
+    data_path, tokenizer_path, vocab_size = prepare_smoke_data(config.run, run, log)
+    vocab_size = config.model.vocab_size if "VOCAB_SIZE" in config.explicit else vocab_size
+    log(kv("preset_rewrite", preset="smoke", DATA_PATH=data_path, TOKENIZER_PATH=tokenizer_path, VOCAB_SIZE=vocab_size))
+    config = config.replace("run", data_path=data_path, tokenizer_path=tokenizer_path)
+    return config.replace("model", vocab_size=vocab_size)
+
+
+def attention_kernel_used(cfg, device):
+    """The kernel causal_attention takes for this model on this device, decided from a query tensor made as the
+    model makes it (rms_norm under the run's autocast), not from whether flash-attn imports."""
+    with autocast(device):
+        return attention_kernel(rms_norm(torch.zeros(1, 1, cfg.num_heads, cfg.head_dim, device=device)))
 
 
 def check_budget(label, model_bytes, code_bytes, log, note=""):
@@ -3004,124 +3318,159 @@ def check_budget(label, model_bytes, code_bytes, log, note=""):
                           f"{BUDGET_BYTES:,}-byte limit; shrink NUM_LAYERS / MODEL_DIM / MLP_MULT / VOCAB_SIZE or use FP_STORAGE=fp8{note}")
 
 
-def prepare_model(model, hp, run):
+def prepare_model(model, run_cfg, run):
     """Compile (CUDA default) and wrap in DDP; `model` stays the plain module used for export."""
     compiled = model
-    if hp.compile == 1 or (hp.compile == -1 and run.device.type == "cuda"):
+    if run_cfg.compile == 1 or (run_cfg.compile == -1 and run.device.type == "cuda"):
         compiled = torch.compile(model, dynamic=False)
     if run.world_size > 1:
         compiled = nn.parallel.DistributedDataParallel(compiled, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return compiled
 
 
-def finish(results, hp, log, run, extra):
-    """submission.json and the final line: the reported stage is the last of the declared plan that ran (a stage
-    skipped by EVAL_MAX_SECONDS has an eval_skip line, and `planned` then differs from `stage`)."""
-    reported = [name for name, _ in eval_plan(hp) if name in results][-1]
+def export_artifact(model, meta, out_path, run, log, code_bytes):
+    """Rank 0 serializes, compresses and atomically writes the artifact, then reads the file back; every rank gets
+    those bytes (no shared filesystem needed) and checks the real size against the budget. An artifact over the
+    budget never gets the final name: it is kept as final_model.skc.over_budget and the run stops."""
+    over_budget_path = out_path.with_name(out_path.name + ".over_budget")
+    blob = None
+    if run.is_main:
+        payload = serialize_model(model, meta)
+        compressed = compress_payload(payload)
+        fits = len(compressed) + code_bytes <= BUDGET_BYTES
+        write_artifact(out_path if fits else over_budget_path, compressed)
+        log(kv("export_report", **export_report(model), payload_bytes=len(payload), compressed_bytes=len(compressed),
+               codec=CODECS[compressed[0]], compression_ratio=len(compressed) / len(payload), code_bytes=code_bytes))
+        blob = read_artifact(out_path if fits else over_budget_path)
+    blob = broadcast_object(blob)
+    fits = len(blob) + code_bytes <= BUDGET_BYTES
+    log(kv("artifact", bytes_total=len(blob) + code_bytes, bytes_code=code_bytes, bytes_model=len(blob),
+           path=out_path if fits else over_budget_path))
+    check_budget("after_export", len(blob), code_bytes, log, note=f"; the artifact was kept as {over_budget_path}, not a submission")
+    return blob
+
+
+def evaluate_artifact(blob, label, config, run, tables, val_tokens, log):
+    """Reload the model from the artifact's bytes alone and run the eval stack on it."""
+    model, meta = model_from_artifact(blob, label, run.device)
+    check_artifact_matches(model, config, label)
+    ctx = EvalContext(model, val_tokens.to(run.device), tables, config.eval, config.eval_seq_len, run,
+                      eval_temperature(meta, config.eval, label), eval_forward(model, config.run, run.device))
+    return run_eval_stack(ctx, log, truncation_note(config.run))
+
+
+def finish(results, config, run_id, run, log, extra):
+    """submission.json (rank 0) and the final line (every rank, so a run can be checked for agreement): the reported
+    stage is the last of the declared plan that ran (a stage skipped by EVAL_MAX_SECONDS has an eval_skip line, and
+    `planned` then differs from `stage`)."""
+    plan = [stage.name for stage in eval_plan(config.eval)]
+    reported = [name for name in plan if name in results][-1]
     summary = dict(val_bpb=results[reported]["val_bpb"], val_loss=results[reported]["val_loss"], stage=reported,
-                   planned=eval_plan(hp)[-1][0], **extra)
+                   planned=plan[-1], **extra)
     if run.is_main:
-        out = Path(hp.out_dir) / hp.run_id
+        out = Path(config.run.out_dir) / run_id
         out.mkdir(parents=True, exist_ok=True)
-        stages = {name: r for name, r in results.items()}
-        (out / "submission.json").write_text(json.dumps(dict(summary, stages=stages, config=hp.as_dict()), indent=2, default=str))
-    log(kv("final", **summary, **truncation_note(hp)))
-    return summary
-
-
-def export_artifact(model, hp, run, log, code_bytes):
-    """Rank 0 serializes, compresses and atomically writes the artifact; every rank then checks the real size
-    against the budget. An artifact over the budget never gets the final name: it is kept as
-    final_model.skc.over_budget for inspection and the run stops. Returns (path, model bytes)."""
-    artifact_path = Path(hp.out_dir) / hp.run_id / "final_model.skc"
-    over_budget_path = artifact_path.with_name(artifact_path.name + ".over_budget")
-    size = torch.zeros((), dtype=torch.float64, device=run.device)
+        (out / "submission.json").write_text(json.dumps(dict(summary, run_id=run_id, stages=results, config=config.as_dict()),
+                                                        indent=2, default=str))
+    line = kv("final", **summary, **truncation_note(config.run))
     if run.is_main:
-        payload = serialize_model(model)
-        blob = compress_payload(payload)
-        write_artifact(artifact_path if len(blob) + code_bytes <= BUDGET_BYTES else over_budget_path, blob)
-        log(kv("export_report", **export_report(model), payload_bytes=len(payload), compressed_bytes=len(blob),
-               codec=CODECS[blob[0]], compression_ratio=len(blob) / len(payload), code_bytes=code_bytes))
-        size.fill_(len(blob))
-    model_bytes = int(all_reduce_sum(size))
-    fits = model_bytes + code_bytes <= BUDGET_BYTES
-    log(kv("artifact", bytes_total=model_bytes + code_bytes, bytes_code=code_bytes, bytes_model=model_bytes,
-           path=artifact_path if fits else over_budget_path))
-    check_budget("after_export", model_bytes, code_bytes, log, note=f"; the artifact was kept as {over_budget_path}, not a submission")
-    return artifact_path, model_bytes
+        log(line)
+    else:  # one write, so it never interleaves with rank 0's lines on a shared pipe
+        sys.stdout.write(f"{line} rank:{run.rank}\n")
+        sys.stdout.flush()
+    return summary
 
 
 def main():
     if "--env-table" in sys.argv:
         print(env_table_markdown())
         return
-    hp = Hyperparameters()
+    config = Config.from_env()
+    if "--print-config" in sys.argv:
+        print(json.dumps(config.as_dict(), sort_keys=True))
+        return
     run = init_distributed()
-    torch.manual_seed(hp.seed)
-    random.seed(hp.seed)
-    np.random.seed(hp.seed)
-    log = Logger(hp.log_dir, hp.run_id, run.is_main)
-    log_header(log, hp, run)
-    if hp.run_preset == "smoke":
-        prepare_smoke_data(hp, run, log)
-    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    check_data_matches_tokenizer(hp.data_path, hp.tokenizer_path, hp.vocab_size)
-    tables = build_byte_tables(sp, hp.vocab_size)
-    check_eval_config(hp, run.device)
-    val_tokens = load_val_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
-    log(kv("eval_plan", stages=",".join(n for n, _ in eval_plan(hp)), reported=eval_plan(hp)[-1][0],
-           val_tokens=len(val_tokens), **truncation_note(hp)))
-    if hp.eval_only:
-        model = load_model_from_artifact(hp.artifact, run.device)
-        check_artifact_matches(model, hp, hp.artifact)
-        results = run_eval_stack(model, val_tokens, hp, tables, run, log)
-        return finish(results, hp, log, run, dict(artifact=hp.artifact))
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+    np.random.seed(config.run.seed)
+    run_id = resolve_run_id(config.run)
+    log = Logger(config.run.log_dir, run_id, run.is_main)
+    log_header(log, run)
+    if config.run.run_preset == "smoke":
+        config = resolve_smoke_data(config, run, log)
+    log(kv("layer_plan", kinds=",".join(layer_plan(config.model)), architecture=config.model.architecture or "-",
+           layer_kinds=config.model.layer_kinds or "-"))
+    log(kv("run", run_id=run_id, attention_kernel=attention_kernel_used(config.model, run.device)))
+    log("config " + json.dumps(config.as_dict(), sort_keys=True, default=str))
+    sp = load_tokenizer(config.run.tokenizer_path, config.model.vocab_size)
+    check_data_matches_tokenizer(config.run.data_path, config.run.tokenizer_path, config.model.vocab_size)
+    tables = build_byte_tables(sp, config.model.vocab_size)
+    if config.eval.eval_engram_enabled:
+        EvalEngram.check_memory(config.eval, config.model.vocab_size, run.device)
+    val_tokens = load_val_tokens(config.run.data_path, config.model.vocab_size, config.run.val_max_tokens)
+    check_ranks_agree(config.run.tokenizer_path, val_tokens, run)
+    log(kv("eval_plan", stages=",".join(s.name for s in eval_plan(config.eval)), reported=eval_plan(config.eval)[-1].name,
+           val_tokens=len(val_tokens), **truncation_note(config.run)))
+    if config.run.eval_only:
+        blob = broadcast_object(read_artifact(config.run.artifact) if run.is_main else None)
+        results = evaluate_artifact(blob, config.run.artifact, config, run, tables, val_tokens, log)
+        return finish(results, config, run_id, run, log, dict(artifact=config.run.artifact))
 
-    base_model = GPT(ModelConfig.from_hparams(hp)).to(run.device)
+    # model, budget check before step 0, data, optimizers
+    grad_accum_steps(config.train, config.model.train_seq_len, run)  # a batch that cannot split over the ranks fails now
+    base_model = GPT(config.model).to(run.device)
     counts = {r: sum(p.numel() for p in base_model.parameters() if p.route == r) for r in PARAM_ROUTES}
     log(kv("model_params", total=sum(counts.values()), **{f"{r}_params": n for r, n in counts.items()}))
-    code_bytes = measure_code_bytes(hp)
+    code_bytes = measure_code_bytes(config.export, config.as_dict())
     check_budget("estimate_before_training", estimate_artifact_bytes(base_model), code_bytes, log)
-    holdout = heldout_tokens(hp)
-    loader = DistributedTokenLoader(shard_paths(hp.data_path, "train"), hp.vocab_size, run.rank, run.world_size, run.device, holdout)
+    holdout = heldout_tokens(config.export, config.eval)
+    loader = DistributedTokenLoader(shard_paths(config.run.data_path, "train"), config.model.vocab_size, run.rank,
+                                    run.world_size, run.device, holdout)
+    budget = train_budget(config)
     log(kv("train_data", heldout_tail_tokens=holdout, train_tokens=sum(len(s) for s in loader.stream.shards)))
-    model = prepare_model(base_model, hp, run)
-    optimizers = build_optimizers(base_model, hp, fused=run.device.type == "cuda")
-    ema = EMA(hp.ema_horizon_fraction, hp.ema_start_fraction) if hp.ema_enabled else None
+    log(kv("train_budget", wallclock_s=config.train.max_wallclock_seconds, reserve_s=budget.reserve_seconds,
+           loop_s=budget.loop_seconds, iterations=budget.iterations))
+    model = prepare_model(base_model, config.run, run)
+    optimizers = build_optimizers(base_model, config.train, fused=run.device.type == "cuda")
+    ema = EMA(config.train.ema_horizon_fraction, config.train.ema_start_fraction) if config.train.ema_enabled else None
+    plain = lambda m: EvalContext(m, val_tokens.to(run.device), tables, config.eval, config.eval_seq_len, run)
 
     def validate(step):
-        loss, bpb, _ = eval_stage(base_model, val_tokens, hp, tables, run, hp.eval_seq_len)
-        log(kv("eval", stage="train_step", step=step, val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
+        result = run_stage_group(plain(base_model), [EVAL_STAGES[0]], 0.0, log)["roundtrip"]
+        log(kv("eval", stage="train_step", step=step, val_loss=result["val_loss"], val_bpb=result["val_bpb"], **truncation_note(config.run)))
 
     aligned = []
 
     def align_during_training(fraction):
-        if hp.export_aligned_train and not aligned and fraction >= hp.export_aligned_start_fraction:
+        if config.export.export_aligned_train and not aligned and fraction >= config.export.export_aligned_start_fraction:
             aligned.append(fraction)
-            align_export(base_model, calibration_tokens(hp).to(run.device), hp, run, log, f"train_fraction_{fraction:.3f}")
+            tokens = calibration_tokens(config.run.data_path, config.model.vocab_size, config.export).to(run.device)
+            align_export(base_model, tokens, config.export, config.eval.eval_batch_seqs, run, log, f"train_fraction_{fraction:.3f}")
 
-    steps, train_seconds, compile_seconds = train(model, base_model, optimizers, loader, hp, run, log, ema, validate,
-                                                  align_during_training)
+    # train, then the post-loop train-data work, inside the training budget
+    steps, loop_seconds, compile_seconds = train(model, base_model, optimizers, loader, config.train, budget, run, log,
+                                                 ema, validate, align_during_training)
     if ema:
         ema.apply_to(base_model)
     base_model.set_progress(1.0)
-    loss, bpb, _ = eval_stage(base_model, val_tokens, hp, tables, run, hp.eval_seq_len)
-    log(kv("eval", stage="prequant", val_loss=loss, val_bpb=bpb, **truncation_note(hp)))
-    export_fidelity(base_model, hp, run, log)
+    prequant = run_stage_group(plain(base_model), [EVAL_STAGES[0]], 0.0, log)["roundtrip"]  # diagnostic, off the clock
+    log(kv("eval", stage="prequant", val_loss=prequant["val_loss"], val_bpb=prequant["val_bpb"], **truncation_note(config.run)))
+    meta = post_loop_train_data_work(base_model, config, run, log, budget, loop_seconds)
 
-    artifact_path, model_bytes = export_artifact(base_model, hp, run, log, code_bytes)
-    reloaded = load_model_from_artifact(artifact_path, run.device)
-    results = run_eval_stack(reloaded, val_tokens, hp, tables, run, log)
-    log(kv("export_cost", delta_bpb=results["roundtrip"]["val_bpb"] - bpb, prequant_bpb=bpb,
-           roundtrip_bpb=results["roundtrip"]["val_bpb"], **truncation_note(hp)))
-    return finish(results, hp, log, run, dict(bytes_total=model_bytes + code_bytes, bytes_code=code_bytes,
-                                              bytes_model=model_bytes, steps=steps, step_ms=1000 * train_seconds / max(steps, 1),
-                                              tok_s=int(hp.train_batch_tokens * steps / max(train_seconds, 1e-9)),
-                                              compile_s=compile_seconds, artifact=str(artifact_path)))
+    # export, reload from the artifact's bytes, evaluate
+    out_path = Path(broadcast_object(str(Path(config.run.out_dir) / run_id / "final_model.skc")))  # on rank 0's disk
+    blob = export_artifact(base_model, meta, out_path, run, log, code_bytes)
+    results = evaluate_artifact(blob, out_path, config, run, tables, val_tokens, log)
+    log(kv("export_cost", delta_bpb=results["roundtrip"]["val_bpb"] - prequant["val_bpb"], prequant_bpb=prequant["val_bpb"],
+           roundtrip_bpb=results["roundtrip"]["val_bpb"], **truncation_note(config.run)))
+    return finish(results, config, run_id, run, log, dict(bytes_total=len(blob) + code_bytes, bytes_code=code_bytes,
+                                                          bytes_model=len(blob), steps=steps, step_ms=1000 * loop_seconds / max(steps, 1),
+                                                          tok_s=int(config.train.train_batch_tokens * steps / max(loop_seconds, 1e-9)),
+                                                          compile_s=compile_seconds, artifact=str(out_path)))
 
 
 if __name__ == "__main__":
     main()
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()  # ranks leave together; a rank tearing down gloo while another still talks aborts it
         dist.destroy_process_group()

@@ -12,9 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 import train_gpt  # noqa: E402
-from test_budget import read_env_file  # noqa: E402
+from build_submission import read_env_file  # noqa: E402
 
 
 def main():
@@ -22,11 +21,11 @@ def main():
     parser.add_argument("--config", default=str(REPO / "best_known_competition.env"))
     parser.add_argument("--compress", action="store_true", help="also lzma-compress the initial weights (slow)")
     args = parser.parse_args()
-    hp = train_gpt.Hyperparameters(read_env_file(args.config))
-    model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+    config = train_gpt.Config.from_env(read_env_file(args.config))
+    model = train_gpt.GPT(config.model)
     train_gpt.round_scalars_to_fp16(model)  # as the trainer does before export
     payload = train_gpt.serialize_model(model)
-    code = train_gpt.measure_code_bytes(hp)
+    code = train_gpt.measure_code_bytes(config.export, config.as_dict())
     counts = {r: sum(p.numel() for p in model.parameters() if p.route == r) for r in train_gpt.PARAM_ROUTES}
     print("| item | bytes |\n|---|---|")
     for kind, size in sorted(train_gpt.export_report(model).items()):

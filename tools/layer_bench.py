@@ -19,7 +19,7 @@ command stopped mid-compile keeps them):
     layer_bench_done seconds:<total>
 
 Times are medians over --iters calls after --warmup calls (CUDA events on CUDA, perf_counter on the CPU). The
-block config comes from train_gpt.Hyperparameters, so every default is the trainer's, and any trainer env var
+block config comes from train_gpt.Config, so every default is the trainer's, and any trainer env var
 set when the tool starts applies (e.g. ROPE_DIMS=32 SKC_NUM_CAPSULES=32 python tools/layer_bench.py) except the
 shape, which the options set: MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, MLP_MULT, TRAIN_SEQ_LEN (and BITNET_GROUP_SIZE
 with --group-size). Their defaults are the competition's per-GPU micro-batch: 768 wide, 12 heads, 4 kv heads,
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt  # noqa: E402  (the trainer beside tools/)
 
-KINDS = ("attn", "skc", "koopman_ssm")
+KINDS = tuple(train_gpt.MIXERS)  # the trainer's mixer registry
 FULL_SHAPE = dict(model_dim=768, num_heads=12, num_kv_heads=4, mlp_mult=4.0, seq_len=2048, batch=32,
                   iters=20, warmup=5, group_size=None)
 DRY_SHAPE = dict(model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=4.0, seq_len=64, batch=2,
@@ -161,8 +161,8 @@ def peak_memory_gb(device):
 # ---------------------------------------------------------------------------------------------------------
 
 def trainer_env(args):
-    """Env dict for train_gpt.Hyperparameters: the trainer env vars set now, then the bench's shape options."""
-    names = {name for name, _, _ in train_gpt.SPEC}
+    """Env dict for train_gpt.Config: the trainer env vars set now, then the bench's shape options."""
+    names = {f.name.upper() for _, f in train_gpt.env_fields()}
     env = {key: value for key, value in os.environ.items() if key in names}
     env.setdefault("SLIDING_EVAL_STRIDE", "1")  # an eval-only knob, pinned so that any --seq-len validates
     env.update(MODEL_DIM=str(args.model_dim), NUM_HEADS=str(args.num_heads), NUM_KV_HEADS=str(args.num_kv_heads),
@@ -170,13 +170,13 @@ def trainer_env(args):
                TRAIN_BATCH_TOKENS=str(args.seq_len * args.batch))
     if args.group_size:
         env["BITNET_GROUP_SIZE"] = str(args.group_size)
-    if args.layer_index >= int(env.get("NUM_LAYERS", dict((n, d) for n, d, _ in train_gpt.SPEC)["NUM_LAYERS"])):
+    if args.layer_index >= int(env.get("NUM_LAYERS", train_gpt.ModelConfig().num_layers)):
         env["NUM_LAYERS"] = str(args.layer_index + 1)
     return env
 
 
 def model_config(args):
-    return train_gpt.ModelConfig.from_hparams(train_gpt.Hyperparameters(trainer_env(args)))
+    return train_gpt.Config.from_env(trainer_env(args)).model
 
 
 class BlockUnderTest(nn.Module):
@@ -187,7 +187,7 @@ class BlockUnderTest(nn.Module):
     def __init__(self, cfg, layer_index, kind, seq_len):
         super().__init__()
         self.block = train_gpt.configure_ternary(train_gpt.Block(cfg, layer_index, kind), cfg)
-        cos, sin, self.temperature = train_gpt.rope_tables(seq_len, cfg.rope_dims, cfg.rope_base, cfg.yarn_factor,
+        cos, sin, self.temperature = train_gpt.rope_tables(seq_len, cfg.rotary_dims, cfg.rope_base, cfg.yarn_factor,
                                                            cfg.train_seq_len, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -3,8 +3,8 @@
 The trainer (train_gpt.py) writes one line per event; the first token names the event and every other
 token is `key:value`:
 
-    step:100/5000 train_loss:3.2101 lr_scale:0.9500 step_ms:385.2 tok_s:1361234 elapsed_s:38.5 remaining_s:201.5
-    compile_s:45.2
+    train step:100 train_loss:3.2101 lr_scale:0.9500 step_ms:385.2 tok_s:1361234 elapsed_s:38.5 remaining_s:201.5
+    compile compile_s:45.2 warmup_steps:20
     model_params:73700000 ternary_params:70000000
     eval stage:roundtrip val_loss:2.3456 val_bpb:1.2345 eval_s:12.3 tokens:492263 [val_max_tokens:N]
     eval stage:train_step step:500 val_loss:... val_bpb:...
@@ -15,7 +15,8 @@ token is `key:value`:
     eval_projection stages:roundtrip,sliding official_val_tokens:40500000 gpus:8 projected_s:95.0 limit_s:600
     compile_stats recompiles_after_warmup:0 unique_graphs:1 frames:1
 
-The parser is tolerant: unknown lines (the trainer also logs its own source, nvidia-smi, the config) are
+Logs written before the event names became fixed words (`step:100 train_loss:...`, `compile_s:45.2`) parse the
+same. The parser is tolerant: unknown lines (the trainer also logs its own source, nvidia-smi, the config) are
 skipped, a missing key reads as None, and a value that is not a number stays a string. Only stdlib is used,
 so the script runs unchanged on the GPU machine.
 
@@ -133,7 +134,15 @@ def parse_log(text):
         if not tokens or line[0].isspace():
             continue
         event = tokens[0]
-        if event.startswith("step:"):
+        if event == "train" and len(tokens) > 1:
+            record = parse_step_line(tokens[1:])
+            if record is not None:
+                parsed["train"].append(record)
+        elif event == "compile":
+            fields = parse_key_values(tokens[1:])
+            if fields and is_number(fields.get("compile_s")):
+                parsed["compile_s"] = fields["compile_s"]
+        elif event.startswith("step:"):
             record = parse_step_line(tokens)
             if record is not None:
                 parsed["train"].append(record)

@@ -1,4 +1,4 @@
-"""Regenerate the env-var table of README.md from train_gpt.SPEC (between the env-table markers)."""
+"""Regenerate the env-var table of README.md from the trainer's config fields (between the env-table markers)."""
 import sys
 from pathlib import Path
 
@@ -15,7 +15,7 @@ def main():
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{START}\n{train_gpt.env_table_markdown()}\n{END}{tail}")
-    print(f"README.md: {len(train_gpt.SPEC)} env vars")
+    print(f"README.md: {len(train_gpt.env_fields())} env vars")
 
 
 if __name__ == "__main__":

@@ -19,30 +19,40 @@ import pytest
 
 import build_submission
 from build_submission import BuildError, build, build_code
-from conftest import REPO, require_shared
+from conftest import REPO
 
 COMPETITION_ENV = REPO / "best_known_competition.env"
 
-SYNTHETIC = '''"""A tiny trainer-shaped program: SPEC, Hyperparameters, flag-guarded features, main."""
+SYNTHETIC = '''"""A tiny trainer-shaped program: settings as config dataclass fields, flag-guarded features, main."""
 import json
 import math
 import os
 import sys
-
-SPEC = (
-    ("USE_EXTRA", 0, "1 = run the extra feature"),
-    ("MODE", "plain", "plain | fancy"),
-    ("NUM_LAYERS", 2, "layers (a size knob the check overrides: never folded)"),
-    ("RENAMED", "a", "a variable the program itself reassigns: never folded"),
-)
+from dataclasses import dataclass, field, fields
 
 
-class Hyperparameters:
-    """Reads every SPEC variable from the environment."""
+def setting(default, help):
+    return field(default=default, metadata={"help": help})
 
-    def __init__(self):
-        for name, default, _ in SPEC:
-            setattr(self, name.lower(), type(default)(os.environ.get(name, default)))
+
+@dataclass
+class RunConfig:
+    use_extra: int = setting(0, "1 = run the extra feature")
+    mode: str = setting("plain", "plain | fancy")
+    num_layers: int = setting(2, "layers (a size knob the check overrides: never folded)")
+    renamed: str = setting("a", "a variable the program itself reassigns: never folded")
+
+
+FOLDED_SETTINGS = {}
+
+
+def read_config():
+    """Every setting from the environment; a folded setting set to another value is refused."""
+    values = {f.name: type(f.default)(os.environ.get(f.name.upper(), f.default)) for f in fields(RunConfig)}
+    for name, value in FOLDED_SETTINGS.items():
+        if name in os.environ and values[name.lower()] != value:
+            raise SystemExit(f"{name}: this script was built for {value!r}")
+    return RunConfig(**values)
 
 
 def extra_feature():
@@ -55,7 +65,7 @@ def fancy_label():
 
 
 def env_table():
-    return json.dumps([name for name, _, _ in SPEC])
+    return json.dumps([f.name.upper() for f in fields(RunConfig)])
 
 
 KINDS = {"plain": str}
@@ -65,16 +75,16 @@ def main():
     if "--env-table" in sys.argv:
         print(env_table())
         return
-    hp = Hyperparameters()
+    run_cfg = read_config()
     # a comment that must not survive
-    if hp.use_extra:
+    if run_cfg.use_extra:
         print("extra", extra_feature())
-    label = fancy_label() if hp.mode == "fancy" else KINDS["plain"]("plain")
-    if hp.num_layers > 1 and hp.mode in ("plain", "fancy"):
-        print("layers", hp.num_layers)
-    if hp.renamed == "a":
-        hp.renamed = "b"
-    print(label, hp.renamed)
+    label = fancy_label() if run_cfg.mode == "fancy" else KINDS["plain"]("plain")
+    if run_cfg.num_layers > 1 and run_cfg.mode in ("plain", "fancy"):
+        print("layers", run_cfg.num_layers)
+    if run_cfg.renamed == "a":
+        run_cfg.renamed = "b"
+    print(label, run_cfg.renamed)
 
 
 if __name__ == "__main__":
@@ -93,9 +103,9 @@ def run_script(path, env=None, cwd=None):
 
 @pytest.fixture(scope="module")
 def competition_config():
-    """The competition env file resolved exactly as a training run resolves it (hp.as_dict())."""
-    import train_gpt
-    return train_gpt.Hyperparameters(build_submission.read_env_file(COMPETITION_ENV)).as_dict()
+    """The competition env file resolved exactly as a training run resolves it (Config.as_dict()), by the trainer."""
+    names = build_submission.spec_names_from_source(ast.parse((REPO / "train_gpt.py").read_text()))
+    return build_submission.resolve_config(build_submission.read_env_file(COMPETITION_ENV), REPO / "train_gpt.py", names)
 
 
 @pytest.fixture(scope="module")
@@ -109,33 +119,33 @@ def test_dce_removes_a_function_reachable_only_behind_a_disabled_flag():
     """USE_EXTRA=0 and MODE=plain: extra_feature, fancy_label and the imports only they used are gone."""
     code = build(SYNTHETIC, {"USE_EXTRA": 0, "MODE": "plain"}).code
     assert "extra_feature" not in code and "fancy_label" not in code
-    assert "import math" not in code and "hp.use_extra" not in code
+    assert "import math" not in code and "run_cfg.use_extra" not in code
 
 
 def test_dce_keeps_the_function_when_the_flag_is_enabled():
     """USE_EXTRA=1: extra_feature and its import stay, and the built script runs it."""
     result = build(SYNTHETIC, {"USE_EXTRA": 1, "MODE": "plain"})
     assert "def extra_feature" in result.code and "import math" in result.code
-    assert "hp.use_extra" not in result.code  # the test itself was decided
+    assert "run_cfg.use_extra" not in result.code  # the test itself was decided
 
 
 def test_without_a_config_nothing_is_folded():
     """build_code(source, None) only strips and minifies: every feature stays."""
     code = build(SYNTHETIC, None).code
-    assert "def extra_feature" in code and "def fancy_label" in code and "hp.use_extra" in code
+    assert "def extra_feature" in code and "def fancy_label" in code and "run_cfg.use_extra" in code
 
 
 def test_size_knobs_and_reassigned_variables_are_never_folded():
-    """NUM_LAYERS (the check overrides it) and RENAMED (the program assigns hp.renamed) keep their conditions."""
+    """NUM_LAYERS (the check overrides it) and RENAMED (the program assigns run_cfg.renamed) keep their conditions."""
     code = build(SYNTHETIC, {"USE_EXTRA": 0, "MODE": "plain", "NUM_LAYERS": 2, "RENAMED": "a"}).code
-    assert "hp.num_layers>1" in code.replace(" ", "")
-    assert "hp.renamed=='a'" in code.replace(" ", "")
+    assert "run_cfg.num_layers>1" in code.replace(" ", "")
+    assert "run_cfg.renamed=='a'" in code.replace(" ", "")
 
 
 def test_comparisons_with_literals_are_folded():
-    """`hp.mode == "fancy"` and `hp.mode in (...)` are decided; the ternary keeps only its surviving branch."""
+    """`run_cfg.mode == "fancy"` and `run_cfg.mode in (...)` are decided; the ternary keeps only its surviving branch."""
     code = build(SYNTHETIC, {"MODE": "plain"}).code
-    assert "hp.mode" not in code and "KINDS['plain']('plain')" in code
+    assert "run_cfg.mode" not in code and "KINDS['plain']('plain')" in code
 
 
 def test_registry_dict_keeps_what_it_names():
@@ -153,10 +163,10 @@ def test_argv_flag_branch_and_its_helpers_are_dropped():
 
 
 def test_docstrings_and_comments_are_gone():
-    """No docstring, bare string statement or comment survives; SPEC meanings become ''."""
+    """No docstring, bare string statement or comment survives; the settings' help texts become ''."""
     code = build(SYNTHETIC, {"MODE": "plain"}).code
     assert '"""' not in code and "docstring" not in code.lower() and "a comment" not in code
-    assert "plain | fancy" not in code and "('MODE','plain','')" in code.replace(" ", "")
+    assert "plain | fancy" not in code and "mode:str=setting('plain','')" in code.replace(" ", "")
 
 
 def test_unused_imports_are_pruned():
@@ -173,6 +183,18 @@ def test_built_synthetic_program_behaves_like_the_source(tmp_path):
     env = {"USE_EXTRA": "1", "MODE": "fancy"}
     assert run_script(tmp_path / "built.py", env) == run_script(tmp_path / "source.py", env) == \
         ["extra 4.0", "layers 2", "fancy b"]
+
+
+def test_built_script_records_and_enforces_the_settings_it_was_folded_for(tmp_path):
+    """The settings a folded condition read go into FOLDED_SETTINGS (a size knob the check overrides does not); the
+    built script runs with them unset or equal and refuses another value, naming the variable."""
+    result = build(SYNTHETIC, {"USE_EXTRA": 0, "MODE": "plain", "NUM_LAYERS": 2, "RENAMED": "a"})
+    assert "FOLDED_SETTINGS={'MODE':'plain','USE_EXTRA':0}" in result.code.replace(" ", "")
+    (tmp_path / "built.py").write_bytes(result.script)
+    assert run_script(tmp_path / "built.py", {"USE_EXTRA": "0"}) == ["layers 2", "plain b"]
+    refused = subprocess.run([sys.executable, str(tmp_path / "built.py")], env=dict(os.environ, USE_EXTRA="1"),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "USE_EXTRA: this script was built for 0" in refused.stderr
 
 
 def test_unknown_config_key_is_an_error():
@@ -258,8 +280,8 @@ def test_code_bytes_the_run_counts_equal_the_written_file(tmp_path, trainer_sour
     out = tmp_path / "2026-01-01_size"
     build_submission.main(["--config", str(COMPETITION_ENV), "--out", str(out), "--skip-check"])
     written = (out / "train_gpt.py").stat().st_size
-    hp = train_gpt.Hyperparameters(build_submission.read_env_file(COMPETITION_ENV))
-    assert train_gpt.measure_code_bytes(hp) == len(build_code(trainer_source, competition_config)) == written
+    config = train_gpt.Config.from_env(build_submission.read_env_file(COMPETITION_ENV))
+    assert train_gpt.measure_code_bytes(config.export, config.as_dict()) == len(build_code(trainer_source, competition_config)) == written
     record = json.loads((out / "submission.json").read_text())
     assert record["bytes_code"] == written and record["val_bpb"] is None
     assert "skipped" in (out / "README.md").read_text()
@@ -293,8 +315,8 @@ def test_submission_json_of_a_run_with_other_folded_values_is_refused(tmp_path, 
 def test_check_fails_loudly_when_the_built_script_differs(tmp_path):
     """Different losses, or a built script that crashes, are BuildErrors (the CLI exits non-zero)."""
     full = tmp_path / "full.py"
-    full.write_text("print('step:1 train_loss:1.0000')\nprint('final val_bpb:1.5000 val_loss:2.0000 stage:roundtrip')\n")
-    different = b"print('step:1 train_loss:1.0001')\nprint('final val_bpb:1.5000 val_loss:2.0000 stage:roundtrip')\n"
+    full.write_text("print('train step:1 train_loss:1.0000')\nprint('final val_bpb:1.5000 val_loss:2.0000 stage:roundtrip')\n")
+    different = b"print('train step:1 train_loss:1.0001')\nprint('final val_bpb:1.5000 val_loss:2.0000 stage:roundtrip')\n"
     with pytest.raises(BuildError, match="does not reproduce"):
         build_submission.run_equivalence_check(different, full, {}, [], tmp_path, tmp_path, 1024)
     with pytest.raises(BuildError, match="built script failed"):
@@ -326,14 +348,46 @@ def test_check_data_falls_back_to_a_slice_of_the_run_data(tmp_path, monkeypatch)
         build_submission.default_check_data(tmp_path / "work2", {})
 
 
-def test_slow_built_script_reproduces_the_full_trainer_on_a_tiny_config(tmp_path):
+def test_slow_built_script_reproduces_the_full_trainer_on_a_tiny_config(tmp_path, tiny_data, own_tokenizer):
     """End to end: the CLI builds the competition config, runs the built and the full script on the tiny config
-    (same train losses, same eval and final lines) and writes the records folder."""
-    require_shared()
+    (same train losses, same eval and final lines, exact BPB) and writes the records folder."""
     out = tmp_path / "2026-01-01_e2e"
     result = subprocess.run([sys.executable, str(REPO / "build_submission.py"), "--config", str(COMPETITION_ENV),
-                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+                             "--out", str(out), "--check-data", str(tiny_data), "--check-tokenizer", str(own_tokenizer),
+                             "--check-vocab-size", "1024"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "check ok" in result.stdout and "build bytes_code:" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "submission.json", "train_gpt.py"]
     assert "passed" in (out / "README.md").read_text()
+
+
+def test_built_trainer_refuses_a_folded_setting_set_otherwise(tmp_path, trainer_source, competition_config):
+    """The competition build folds EVAL_ONLY=0 (its eval-only branch is gone): EVAL_ONLY=1 is refused before any work,
+    naming EVAL_ONLY, instead of training a new model."""
+    result = build(trainer_source, competition_config)
+    assert "'EVAL_ONLY':0" in result.code.replace(" ", "")
+    (tmp_path / "train_gpt.py").write_bytes(result.script)
+    run = subprocess.run([sys.executable, str(tmp_path / "train_gpt.py")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, EVAL_ONLY="1", ARTIFACT="x.skc", CUDA_VISIBLE_DEVICES=""))
+    assert run.returncode != 0 and "EVAL_ONLY='1': this submission script was built for EVAL_ONLY=0" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_eval_rows_whose_flag_is_folded_off_are_dropped_with_their_code(trainer_source, competition_config):
+    """The eval table's rows of switched-off stages go, and with them their scorers and hooks; switched on, they stay."""
+    plain = build(trainer_source, competition_config).code
+    assert "class TestTimeTrainer" not in plain and "def score_stream" not in plain and "class NgramCache" not in plain
+    with_ttt = build(trainer_source, dict(competition_config, TTT_ENABLED=1)).code
+    assert "class TestTimeTrainer" in with_ttt and "def score_stream" in with_ttt and "class NgramCache" not in with_ttt
+
+
+def test_build_tool_and_trainer_do_not_import_each_other():
+    """build_submission.py resolves a config by running the trainer (--print-config), never by importing it; the
+    trainer imports only build_code from it (to count its code bytes)."""
+    build_tree = ast.parse((REPO / "build_submission.py").read_text())
+    imported = {alias.name for node in ast.walk(build_tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(build_tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "train_gpt" not in imported and "importlib" not in imported
+    trainer_tree = ast.parse((REPO / "train_gpt.py").read_text())
+    from_build = [node for node in ast.walk(trainer_tree) if isinstance(node, ast.ImportFrom) and node.module == "build_submission"]
+    assert [alias.name for node in from_build for alias in node.names] == ["build_code"]

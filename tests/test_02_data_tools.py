@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CORPUS_SLICE = SHARED / "corpus" / "fineweb.train_1mb.jsonl"
-TOKENIZER = SHARED / "tokenizers" / "fineweb_8192_bpe.model"
+TOKENIZER = None  # the own-text tokenizer of conftest (set by the `processor` fixture): no test here needs ../shared
 sys.path.insert(0, str(REPOSITORY / "data"))
 
 import tokenize_corpus  # noqa: E402
@@ -22,10 +20,10 @@ BOS = 1
 EOS = 2
 
 
-@pytest.fixture(scope="module")
-def processor():
-    if not TOKENIZER.is_file() or not CORPUS_SLICE.is_file():
-        pytest.skip("../shared corpus/tokenizers not available")
+@pytest.fixture(scope="module", autouse=True)
+def processor(own_tokenizer):
+    global TOKENIZER
+    TOKENIZER = own_tokenizer
     import sentencepiece
 
     return sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
@@ -33,9 +31,11 @@ def processor():
 
 @pytest.fixture(scope="module")
 def slice_texts(processor):
-    """The first 40 documents of the 1 MB FineWeb slice."""
-    with open(CORPUS_SLICE) as handle:
-        return [json.loads(line)["text"] for _, line in zip(range(40), handle)]
+    """40 documents: the first paragraphs of 40+ characters of the project's README and docs."""
+    paragraphs = [p.strip() for name in ("README.md", "docs/results.md", "data/README.md")
+                  for p in (REPOSITORY / name).read_text().split("\n\n") if len(p.strip()) >= 40]
+    assert len(paragraphs) >= 40
+    return paragraphs[:40]
 
 
 def write_jsonl(path, texts):
@@ -231,7 +231,7 @@ def test_tokenizer_with_vocab_over_65536_is_refused(tmp_path, processor, monkeyp
 
     monkeypatch.setattr(sentencepiece.SentencePieceProcessor, "vocab_size", lambda self: 70000)
     inputs = write_jsonl(tmp_path / "train.jsonl", ["a doc", "another doc"])
-    with pytest.raises(DataError, match=r"fineweb_8192_bpe\.model has vocab size 70000"):
+    with pytest.raises(DataError, match=r"own_bpe\.model has vocab size 70000"):
         tokenize([inputs], tmp_path / "out", val_docs=1)
 
 
@@ -258,7 +258,7 @@ def test_meta_json_describes_the_output(tmp_path, slice_texts):
     returned = tokenize([inputs], tmp_path / "out", val_file=validation_file, seed=7, shard_tokens=4000)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta == returned
-    assert meta["vocab_size"] == 8192
+    assert meta["vocab_size"] == 1024
     assert meta["tokenizer_path"] == str(TOKENIZER.resolve())
     assert meta["tokenizer_sha256"] == hashlib.sha256(TOKENIZER.read_bytes()).hexdigest()
     assert meta["train_tokens"] == read_split(tmp_path / "out", "train").size
@@ -306,8 +306,6 @@ def test_downloader_offline_fails_with_exit_2_and_names_the_alternative(tmp_path
 
 def test_downloader_layout_validation_and_meta_with_a_fake_hub(tmp_path, monkeypatch):
     """With a fake hub: files land in datasets/fineweb10B_sp8192/ and tokenizers/, headers are checked, meta.json written."""
-    if not TOKENIZER.is_file():
-        pytest.skip("../shared tokenizers not available")
     import cached_challenge_fineweb as downloader
 
     remote = tmp_path / "remote"
@@ -342,7 +340,7 @@ def test_downloader_layout_validation_and_meta_with_a_fake_hub(tmp_path, monkeyp
     assert (out / "tokenizers" / "fineweb_8192_bpe.model").read_bytes() == TOKENIZER.read_bytes()
     meta = json.loads((dataset / "meta.json").read_text())
     assert (meta["train_tokens"], meta["val_tokens"], meta["train_docs"], meta["val_docs"]) == (8, 4, 3, 1)
-    assert meta["vocab_size"] == 8192 and meta["shard_tokens"] == 5
+    assert meta["vocab_size"] == 1024 and meta["shard_tokens"] == 5
     assert meta["tokenizer_sha256"] == hashlib.sha256(TOKENIZER.read_bytes()).hexdigest()
     assert downloader.main(["--out", str(out), "--train-shards", "3"]) == 1  # the repo only has 2
     (dataset / "fineweb_val_000000.bin").write_bytes(b"\0" * 2000)  # corrupt header

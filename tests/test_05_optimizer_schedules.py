@@ -100,3 +100,27 @@ def test_ema_horizon_is_a_fraction_of_the_run_not_a_step_count():
         shares.append(float(ema.shadow[0]))
     assert shares[0] == pytest.approx(math.exp(-0.5 / 0.05), rel=1e-4)
     assert shares[1] == pytest.approx(shares[0], rel=1e-4)
+
+
+def test_train_budget_keeps_the_reserve_for_post_loop_train_reads():
+    """The loop gets MAX_WALLCLOCK_SECONDS minus the reserve of the post-loop work that reads train data (automatic:
+    CALIB_MAX_SECONDS when calibrating + the temperature fit's allowance), and the schedules run over the loop's
+    budget: the LR warm-down ends when the loop ends, not later."""
+    from conftest import tiny_config
+    plain = train_gpt.train_budget(tiny_config(MAX_WALLCLOCK_SECONDS=100))
+    assert (plain.loop_seconds, plain.reserve_seconds) == (100, 0)
+    budget = train_gpt.train_budget(tiny_config(MAX_WALLCLOCK_SECONDS=100, TERNARY_SCALE_SEARCH=1, CALIB_MAX_SECONDS=30, TEMP_SCALING=1))
+    assert budget.reserve_seconds == 30 + train_gpt.TEMPERATURE_FIT_RESERVE_S and budget.loop_seconds == 100 - budget.reserve_seconds
+    assert budget.fraction(0, budget.loop_seconds) == 1.0 and budget.done(5, budget.loop_seconds)
+    assert train_gpt.lr_scale(budget.fraction(0, budget.loop_seconds), 0.02, 0.4) == 0.0
+    explicit = train_gpt.train_budget(tiny_config(MAX_WALLCLOCK_SECONDS=100, TEMP_SCALING=1, TRAIN_DATA_RESERVE_SECONDS=5))
+    assert explicit.loop_seconds == 95
+    steps = train_gpt.train_budget(tiny_config(ITERATIONS=40))
+    assert steps.fraction(10, 1e9) == 0.25 and steps.done(40, 0.0) and not steps.done(39, 1e9)
+    with pytest.raises(train_gpt.ConfigError, match="TRAIN_DATA_RESERVE_SECONDS"):
+        train_gpt.train_budget(tiny_config(MAX_WALLCLOCK_SECONDS=10, TEMP_SCALING=1, TRAIN_DATA_RESERVE_SECONDS=20))
+
+
+def test_mfu_divides_by_the_h100_spec_peak():
+    """MFU's denominator is NVIDIA's H100 SXM dense bf16 figure, 989 TFLOP/s (a datasheet number, not a measurement)."""
+    assert train_gpt.H100_BF16_PEAK_FLOPS == 989e12

@@ -1,5 +1,6 @@
-"""MODEL: SKC and Koopman layers, XSA, VRL, shared blocks, depth recurrence, stochastic depth, ternary noise,
-the sequence-length curriculum; causality, exact reload and a DDP run of each."""
+"""MODEL: the SKC and Koopman mixers (their scan against a loop), XSA, VRL, shared blocks, depth recurrence,
+stochastic depth, ternary noise, the sequence-length curriculum: causality, gradients and exact reload of each (their
+DDP run is in test_08_train_distributed.py)."""
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO, SP1024, WARM_UP_SCRIPT, assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
+from conftest import REPO, WARM_UP_SCRIPT, assert_causal, perturbed_model, tiny_config, tiny_model
 
 ARCHITECTURES = {
     "attn": dict(ARCHITECTURE="attn"),
@@ -267,7 +268,7 @@ def test_curriculum_lengths_are_powers_of_two_and_train_step_keeps_tokens():
     lengths = [train_gpt.curriculum_seq_len(f / 100, 32, 1024, 0.5) for f in range(101)]
     assert lengths[0] == 32 and lengths[50:] == [1024] * 51 and lengths == sorted(lengths)
     assert all(n & (n - 1) == 0 for n in lengths)
-    hp = tiny_hparams(CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=16, CURRICULUM_END_FRACTION=0.5, GRAD_ACCUM_STEPS=1)
+    config = tiny_config(CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=16, CURRICULUM_END_FRACTION=0.5, GRAD_ACCUM_STEPS=1)
     shapes = []
 
     class Recorder(torch.nn.Module):
@@ -287,10 +288,10 @@ def test_curriculum_lengths_are_powers_of_two_and_train_step_keeps_tokens():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     opt.param_groups[0]["base_lr"] = 0.0
     for fraction in (0.0, 0.3, 0.9):
-        train_gpt.train_step(model, [opt], Loader(), hp, train_gpt.Dist(), 1, 0, fraction)
+        train_gpt.train_step(model, [opt], Loader(), config.train, config.model.train_seq_len, train_gpt.Dist(), 1, 0, fraction)
     assert shapes == [(32, 16), (16, 32), (8, 64)]
     with pytest.raises(train_gpt.ConfigError, match="CURRICULUM_MIN_SEQ_LEN"):
-        tiny_hparams(CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=24)
+        tiny_config(CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=24)
 
 
 EXPORT_CASES = dict(ARCHITECTURES, options=dict(ARCHITECTURE="competition", SKC_LAYERS="1,3", SKC_PARALLEL_RESIDUAL=1,
@@ -331,22 +332,3 @@ def test_fresh_process_reload_is_exact_for_every_architecture(tmp_path):
     reloaded = torch.load(tmp_path / "out.pt")
     for name in EXPORT_CASES:
         assert torch.equal(reloaded[name], expected[name]), name
-
-
-def test_ddp_run_with_skc_layer_and_options_finishes(tiny_data, tmp_path):
-    """torchrun, 2 processes (gloo): competition with SKC layers (1 and 3, so SHARED_BLOCKS=2 repeats the pattern)
-    and every option on, shared blocks included, trains 2 steps and scores."""
-    env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="competition", SKC_LAYERS="1,3", SHARED_BLOCKS=2,
-               SKC_PARALLEL_RESIDUAL=1, SKC_AUX_ENTROPY_FRACTION=0.01, XSA_START_LAYER=2, VRL_ENABLED=1,
-               RECURRENCE_LAYERS="2", RECURRENCE_START_FRACTION=0.5, STOCHASTIC_DEPTH=0.2, TERNARY_NOISE_SCALE=0.1,
-               CURRICULUM_ENABLED=1, CURRICULUM_MIN_SEQ_LEN=16, ITERATIONS=2)
-    result = run_trainer(env, nproc=2)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert log_values(result.stdout, "final", "val_bpb"), result.stdout[-2000:]
-    assert len(log_values(result.stdout, "step:", "train_loss")) == 2
-
-
-def train_gpt_env(data_path, tmp_path):
-    from conftest import TINY
-    return dict(TINY, DATA_PATH=str(data_path), TOKENIZER_PATH=str(SP1024), LOG_DIR=str(tmp_path / "logs"),
-                OUT_DIR=str(tmp_path / "out"), VAL_MAX_TOKENS=2048, RUN_ID="ddp_skc")

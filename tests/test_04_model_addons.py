@@ -1,14 +1,14 @@
 """MODEL: ADD-ONS: engram hash, capsule bank (Koopman, carry), feedback adapters, MoE: causal, exact reload,
-aux losses at the right scale, idle experts frozen, DDP smoke run."""
+aux losses at the right scale, idle experts frozen (their DDP run is in test_08_train_distributed.py)."""
 import pytest
 import torch
 
 import train_gpt
-from conftest import assert_causal, log_values, run_trainer, tiny_hparams, tiny_model, perturbed_model
+from conftest import assert_causal, eval_context, perturbed_model, stage, tiny_config, tiny_model
 
 OPTIONS = {
     "engram": dict(BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64, BIGRAM_HASH_DIM=16, ENGRAM_NUM_ORDERS=3, ENGRAM_INJECT_LAYER=1),
-    "capsule": dict(CAPSULE_ENABLED=1, CAPSULE_NUM=4, CAPSULE_DIM=16, KOOPMAN_RANK=2, KOOPMAN_SPECULATIVE_STEPS=2),
+    "capsule": dict(CAPSULE_ENABLED=1, CAPSULE_NUM=4, CAPSULE_DIM=16, CAPSULE_KOOPMAN_RANK=2, KOOPMAN_SPECULATIVE_STEPS=2),
     "capsule_halting": dict(CAPSULE_ENABLED=1, CAPSULE_NUM=4, CAPSULE_DIM=16, KOOPMAN_SPECULATIVE_STEPS=3, KOOPMAN_HALT_THRESHOLD=0.05),
     "feedback": dict(FEEDBACK_ENABLED=1, FEEDBACK_PASSES=2),
     "moe": dict(MOE_ENABLED=1, MOE_NUM_EXPERTS=3, MOE_TOP_K=2, MOE_START_FRACTION=0.5),
@@ -23,7 +23,7 @@ TRAINABLE = sorted(set(OPTIONS) - {"capsule_halting"})  # halting only changes t
 def test_option_runs_forward_backward_and_every_param_gets_a_route(name):
     """Each option trains a step on CPU: finite loss, every parameter in exactly one optimizer group."""
     model = tiny_model(**OPTIONS[name])
-    optimizers = train_gpt.build_optimizers(model, tiny_hparams(**OPTIONS[name]), fused=False)
+    optimizers = train_gpt.build_optimizers(model, tiny_config(**OPTIONS[name]).train, fused=False)
     grouped = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     x = torch.randint(0, 1024, (2, 32))
@@ -199,7 +199,7 @@ def test_moe_expert_without_tokens_does_not_move():
     """Experts that got no token keep bit-identical weights after an optimizer step; the used one moves."""
     overrides = dict(MOE_ENABLED=1, MOE_NUM_EXPERTS=4, MOE_TOP_K=1, MOE_START_FRACTION=0.0, MUON_WD=0.1, ADAM_WD=0.1)
     model = perturbed_model(**overrides)
-    optimizers = train_gpt.build_optimizers(model, tiny_hparams(**overrides), fused=False)
+    optimizers = train_gpt.build_optimizers(model, tiny_config(**overrides).train, fused=False)
     moe = model.blocks[-1].mlp
     x = torch.full((2, 32), 17)  # one repeated token: every position has the same hidden state, so one expert
     before = [[p.detach().clone() for p in e.parameters()] for e in moe.experts]
@@ -250,42 +250,45 @@ def _tables():
     return (torch.ones(1024, dtype=torch.long), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
 
 
+def carry_score(model, tokens, windows=None, carry_enabled=True, trace=None):
+    """(NLL, bytes, targets) of the carry scorer over `windows` (default: plain windows of 64)."""
+    windows = train_gpt.eval_windows(len(tokens), 64, 64) if windows is None else windows
+    ctx = eval_context(model, tokens, _tables())
+    return train_gpt.score_carry(ctx, [stage("capsule_carry")], windows, 1.0, trace=trace, carry_enabled=carry_enabled)[0]
+
+
 def test_carry_holds_only_already_scored_windows():
     """Each window's carry was fed only by earlier, already-scored, non-overlapping windows; changing tokens of a
     later window leaves earlier window scores unchanged; with the carry off the stream equals the plain eval."""
     model = perturbed_model(**OPTIONS["capsule"]).eval()
     tokens = torch.randint(0, 1024, (300,))
     trace = []
-    carried = train_gpt.score_stream_with_carry(model, tokens, 64, _tables(), torch.device("cpu"), trace=trace)
+    carried = carry_score(model, tokens, trace=trace)
     scored = []
     for (start, end), fed in trace:
         assert fed == scored and all(e <= start for _, e in fed)
         scored.append((start, end))
     assert [w for w, _ in trace] == [(s, s + n) for s, n, _ in train_gpt.eval_windows(300, 64, 64)]
-    off = train_gpt.score_stream_with_carry(model, tokens, 64, _tables(), torch.device("cpu"), carry_enabled=False)
-    plain = train_gpt.score_windows(model, tokens, train_gpt.eval_windows(300, 64, 64), 8, _tables(), torch.device("cpu"))
+    off = carry_score(model, tokens, carry_enabled=False)
+    plain = train_gpt.score_windows(eval_context(model, tokens, _tables()), [stage("roundtrip")], train_gpt.eval_windows(300, 64, 64), 1.0)[0]
     assert torch.allclose(off, plain, rtol=1e-12) and not torch.allclose(carried, plain)
     first_two = train_gpt.eval_windows(300, 64, 64)[:2]
     changed = tokens.clone()
     changed[129:] = torch.randint(0, 1024, (171,))
-    prefix = train_gpt.score_stream_with_carry(model, tokens, 64, _tables(), torch.device("cpu"), windows=first_two)
-    assert torch.equal(prefix, train_gpt.score_stream_with_carry(model, changed, 64, _tables(), torch.device("cpu"), windows=first_two))
+    assert torch.equal(carry_score(model, tokens, first_two), carry_score(model, changed, first_two))
 
 
 def test_carry_never_includes_the_current_window():
     """With the carry on, changing tokens after position t of window k leaves window k's NLL at positions <= t
     unchanged: the carry holds earlier windows only, never the window's own pooled state (checked through
-    score_stream_with_carry's per-offset sums and through GPT.hidden_with_carry's logits)."""
+    score_carry's per-offset sums and through GPT.hidden_with_carry's logits)."""
     model = perturbed_model(**OPTIONS["capsule"]).eval()
     torch.manual_seed(6)
     tokens, t = torch.randint(0, 1024, (200,)), 20
     changed = tokens.clone()
     changed[64 + t + 2:] = torch.randint(0, 1024, (200 - 64 - t - 2,))  # window 1 inputs and targets <= t unchanged
-    cpu = torch.device("cpu")
-
     def prefix_and_total(stream, carry_enabled=True):  # window 1's NLL at offsets <= t, and the whole sum
-        sums = [float(train_gpt.score_stream_with_carry(model, stream, 64, _tables(), cpu, [(0, 64, 0), (64, 64, score_from)],
-                                                        carry_enabled)[0]) for score_from in (0, t + 1)]
+        sums = [float(carry_score(model, stream, [(0, 64, 0), (64, 64, score_from)], carry_enabled)[0]) for score_from in (0, t + 1)]
         return sums[0] - sums[1], sums[0]
 
     (prefix, total), (prefix_changed, total_changed) = prefix_and_total(tokens), prefix_and_total(changed)
@@ -301,17 +304,17 @@ def test_carry_never_includes_the_current_window():
 
 def test_carry_stage_is_in_the_plan_only_when_asked():
     """CAPSULE_CARRY_EVAL=1 adds the capsule_carry stage (and needs CAPSULE_ENABLED=1)."""
-    assert "capsule_carry" not in [n for n, _ in train_gpt.eval_plan(tiny_hparams())]
-    assert train_gpt.eval_plan(tiny_hparams(CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1))[-1][0] == "capsule_carry"
+    assert "capsule_carry" not in [s.name for s in train_gpt.eval_plan(tiny_config().eval)]
+    assert train_gpt.eval_plan(tiny_config(CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1).eval)[-1].name == "capsule_carry"
     with pytest.raises(train_gpt.ConfigError, match="CAPSULE_CARRY_EVAL"):
-        tiny_hparams(CAPSULE_CARRY_EVAL=1)
+        tiny_config(CAPSULE_CARRY_EVAL=1)
 
 
 @pytest.mark.parametrize("env, variable", [(dict(ENGRAM_NUM_ORDERS=4), "ENGRAM_NUM_ORDERS"), (dict(MOE_TOP_K=5), "MOE_TOP_K"),
                                            (dict(ENGRAM_INJECT_LAYER=4), "ENGRAM_INJECT_LAYER")])
 def test_bad_addon_config_names_the_variable(env, variable):
     with pytest.raises(train_gpt.ConfigError, match=variable):
-        tiny_hparams(**env)
+        tiny_config(**env)
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -324,27 +327,3 @@ def test_export_reload_is_exact(tmp_path, name):
     x, y = torch.randint(0, 1024, (2, 40)), torch.randint(0, 1024, (2, 40))
     with torch.no_grad():
         assert torch.equal(reloaded.token_nll(x, y), model.token_nll(x, y))
-
-
-def test_ddp_smoke_run_with_moe_and_engram(tiny_data, tmp_path):
-    """Two gloo ranks train 2 steps of a hybrid (attention + koopman_ssm layers) model with MoE (all experts in the
-    graph every step), engram, capsules + carry eval, feedback, TurboQuant train/export and fp4 storage, and
-    print a final line. (SHARED_BLOCKS cannot combine with MoE: the SKC DDP run in test_skc_layers covers it.)"""
-    env = dict(train_gpt_env(tiny_data, tmp_path), ARCHITECTURE="hybrid", MOE_ENABLED=1, BIGRAM_HASH_ENABLED=1,
-               BIGRAM_HASH_BUCKETS=256, MOE_START_FRACTION=0.0, ITERATIONS=2, CAPSULE_ENABLED=1, CAPSULE_CARRY_EVAL=1,
-               FEEDBACK_ENABLED=1, FEEDBACK_PASSES=2, TURBO_QUANT_TRAIN=1, FP_STORAGE="fp4",
-               VAL_MAX_TOKENS=2048)
-    result = run_trainer(env, nproc=2, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    config = next(line for line in result.stdout.splitlines() if line.startswith("config "))
-    for setting in ('"ARCHITECTURE": "hybrid"', '"FEEDBACK_ENABLED": 1', '"TURBO_QUANT_TRAIN": 1', '"FP_STORAGE": "fp4"', '"MOE_ENABLED": 1'):
-        assert setting in config, setting
-    assert len(log_values(result.stdout, "step:", "train_loss")) == 2
-    assert log_values(result.stdout, "final", "stage") == ["capsule_carry"]
-    assert float(log_values(result.stdout, "final", "val_bpb")[0]) > 0
-
-
-def train_gpt_env(tiny_data, tmp_path):
-    from conftest import SP1024, TINY
-    return dict(TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(SP1024), LOG_DIR=str(tmp_path / "logs"),
-                OUT_DIR=str(tmp_path / "out"), RUN_ID="ddp_addons", CODE_BYTES="60000")

@@ -80,6 +80,14 @@ def test_parse_log_ignores_source_code_and_prose():
     assert parsed == logparse.empty_parse()
 
 
+def test_parse_log_reads_todays_fixed_event_names():
+    """Today's trainer writes `train step:N ...` and `compile compile_s:...`; they parse like the older lines."""
+    parsed = logparse.parse_log("compile compile_s:12.5 warmup_steps:20\ntrain step:10 train_loss:6.5 step_ms:900.1\n"
+                                "train step:20 train_loss:6.1 step_ms:899.0\nfinal val_bpb:2.123456789 stage:roundtrip\n")
+    assert parsed["compile_s"] == 12.5 and [r["step"] for r in parsed["train"]] == [10, 20]
+    assert parsed["train"][-1]["train_loss"] == 6.1 and parsed["final"]["val_bpb"] == 2.123456789
+
+
 def test_step_line_without_total_is_wallclock_bound():
     """`step:N` without `/TOTAL` parses with total_steps None; missing keys read as None."""
     parsed = logparse.parse_log(TRUNCATED_LOG)
@@ -406,7 +414,27 @@ def test_ablate_stops_when_the_budget_is_spent(fake_pipeline, tmp_path):
 def test_every_shipped_variant_is_a_valid_trainer_config(variants_file):
     """Each variant names only real env vars and makes a config the trainer accepts (no typo reaches a GPU)."""
     import train_gpt
-    known = {name for name, _, _ in train_gpt.SPEC}
+    known = {f.name.upper() for _, f in train_gpt.env_fields()}
     for name, env in ablate.parse_variants(variants_file.read_text()):
         assert set(env) <= known, f"{variants_file.name}:{name}: unknown {set(env) - known}"
-        train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
+        config = train_gpt.Config.from_env({k: str(v) for k, v in env.items()})
+        train_gpt.layer_plan(config.model)
+
+
+def test_cpu_proxy_dry_run_writes_our_row_and_the_baselines(tmp_path):
+    """tools/cpu_proxy.sh --dry-run (4 steps on a 40-document slice) runs train_gpt.py and the official baseline at
+    the same setting and appends one row each under the CPU mini-proxy heading, with full-precision BPB."""
+    from conftest import SHARED
+    if not (SHARED / "corpus" / "fineweb.train.jsonl.xz").is_file() or not (SHARED / "peers" / "cpu_baseline.py").is_file():
+        pytest.skip("the CPU proxy needs ../shared (corpus and peers)")
+    results = tmp_path / "results.md"
+    env = dict(os.environ, CPU_PROXY_CACHE_DIR=str(tmp_path / "cache"))
+    for extra in ([], ["--peer"]):
+        run = subprocess.run(["bash", str(REPO_ROOT / "tools" / "cpu_proxy.sh"), "--dry-run", "--results", str(results), *extra],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = results.read_text()
+    assert "## CPU mini-proxy" in text
+    rows = [line for line in text.splitlines() if "(dry-run)" in line]
+    assert len(rows) == 2 and "default (dry-run)" in rows[0] and "peer_baseline (dry-run)" in rows[1]
+    assert "| roundtrip |" in rows[0] and "| int8_zlib_roundtrip |" in rows[1]

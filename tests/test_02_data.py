@@ -1,4 +1,5 @@
-"""DATA: the shard reader memory-maps and refuses every corrupt input with an error naming the file."""
+"""DATA: the shard reader memory-maps and refuses every corrupt input with an error naming the file; the loader's
+global batch is independent of the world size; the held-out tail is never trained on; tokenizer/data checks."""
 import numpy as np
 import pytest
 
@@ -82,31 +83,38 @@ def test_training_stream_never_reads_the_heldout_tail(tmp_path):
 
 def test_heldout_tail_is_what_the_enabled_features_read():
     """Nothing is held out by default; calibration holds out CALIB_TOKENS + 1, temperature fitting TEMP_FIT_TOKENS."""
-    from conftest import tiny_hparams
-    assert train_gpt.heldout_tokens(tiny_hparams()) == 0
-    assert train_gpt.heldout_tokens(tiny_hparams(TERNARY_SCALE_SEARCH=1, CALIB_TOKENS=4096)) == 4097
-    assert train_gpt.heldout_tokens(tiny_hparams(ENGRAM_PRUNE_MIN_HITS=1, CALIB_TOKENS=4096)) == 4097
-    assert train_gpt.heldout_tokens(tiny_hparams(TEMP_SCALING=1, TEMP_FIT_TOKENS=9000, GPTQ_LITE_ENABLED=1, CALIB_TOKENS=4096)) == 9000
+    from conftest import tiny_config
+    held = lambda **o: train_gpt.heldout_tokens((c := tiny_config(**o)).export, c.eval)
+    assert held() == 0
+    assert held(TERNARY_SCALE_SEARCH=1, CALIB_TOKENS=4096) == 4097
+    assert held(ENGRAM_PRUNE_MIN_HITS=1, CALIB_TOKENS=4096) == 4097
+    assert held(TEMP_SCALING=1, TEMP_FIT_TOKENS=9000, GPTQ_LITE_ENABLED=1, CALIB_TOKENS=4096) == 9000
 
 
-def test_tokenizer_vocab_mismatch_is_an_error():
+def test_tokenizer_vocab_mismatch_is_an_error(own_tokenizer):
     """A tokenizer whose size differs from VOCAB_SIZE is refused (not a warning)."""
-    from conftest import SP1024, require_shared
-    require_shared()
-    with pytest.raises(train_gpt.ConfigError, match="VOCAB_SIZE"):
-        train_gpt.load_tokenizer(str(SP1024), 8192)
+    with pytest.raises(train_gpt.ConfigError, match="VOCAB_SIZE=8192"):
+        train_gpt.load_tokenizer(str(own_tokenizer), 8192)
 
 
-def test_data_meta_with_other_tokenizer_is_an_error(tmp_path):
+def test_data_meta_with_other_tokenizer_is_an_error(tmp_path, own_tokenizer):
     """meta.json that names another tokenizer (sha256) than TOKENIZER_PATH is refused."""
     import json
-    from conftest import SP1024, require_shared
-    require_shared()
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1024, "tokenizer_sha256": "0" * 64, "tokenizer_path": "x"}))
     with pytest.raises(train_gpt.ConfigError, match="sha256"):
-        train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 1024)
+        train_gpt.check_data_matches_tokenizer(tmp_path, own_tokenizer, 1024)
     with pytest.raises(train_gpt.ConfigError, match="vocab size"):
-        train_gpt.check_data_matches_tokenizer(tmp_path, SP1024, 8192)
+        train_gpt.check_data_matches_tokenizer(tmp_path, own_tokenizer, 8192)
+
+
+def test_ranks_with_other_val_data_or_tokenizer_are_refused(own_tokenizer, monkeypatch):
+    """Each node reads its own disk: a rank whose tokenizer or val tokens differ from rank 0's is an error."""
+    import torch
+    val = torch.arange(100)
+    train_gpt.check_ranks_agree(own_tokenizer, val, train_gpt.Dist())  # world size 1: agrees with itself
+    monkeypatch.setattr(train_gpt, "broadcast_object", lambda mine: ("rank 0's", mine[1]))
+    with pytest.raises(train_gpt.ConfigError, match="differ from rank 0"):
+        train_gpt.check_ranks_agree(own_tokenizer, val, train_gpt.Dist(rank=1, world_size=2))
 
 
 def test_official_folder_name_with_other_vocab_is_an_error(tmp_path):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt
-from conftest import log_values, run_trainer, tiny_hparams, tiny_model
+from conftest import log_values, run_trainer, tiny_config, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +85,9 @@ def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkey
     engram = dict(BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64, BIGRAM_HASH_DIM=16)
     env = dict(DATA_PATH=str(tiny_data), CALIB_TOKENS=2048, GPTQ_LITE_ENABLED=1, TERNARY_SCALE_SEARCH=1,
                TERNARY_THRESHOLD_SEARCH=1, CALIB_MAX_EVALS=3, ENGRAM_PRUNE_MIN_HITS=2, **engram)
-    hp = tiny_hparams(**env)
-    assert hp.ternary_clip_mode != "none"
-    tokens = train_gpt.calibration_tokens(hp)
+    config = tiny_config(**env)
+    assert config.export.ternary_clip_mode != "none"
+    tokens = train_gpt.calibration_tokens(config.run.data_path, 1024, config.export)
     train = np.asarray(train_gpt.load_shard(tiny_data / "fineweb_train_000000.bin", 1024))
     assert len(tokens) == 2049 and np.array_equal(tokens.numpy(), train[-2049:])
     splits, opened = [], []
@@ -95,7 +95,7 @@ def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkey
     monkeypatch.setattr(train_gpt, "shard_paths", lambda path, split: splits.append(split) or shard_paths(path, split))
     monkeypatch.setattr(train_gpt, "load_shard", lambda path, vocab: opened.append(os.path.basename(path)) or load_shard(path, vocab))
     lines = []
-    train_gpt.export_fidelity(_perturbed(tiny_model(**engram)), hp, train_gpt.Dist(), lines.append)
+    train_gpt.export_fidelity(_perturbed(tiny_model(**engram)), config, train_gpt.Dist(), lines.append, 60.0)
     for event in ("export_prune", "export_clip", "export_calib"):
         assert any(line.startswith(event) for line in lines), event
     assert splits and set(splits) == {"train"}, splits
@@ -105,21 +105,21 @@ def test_calibration_tokens_come_from_the_train_tail_never_val(tiny_data, monkey
 def _calibrated(tiny_data, seed=0, **overrides):
     env = dict(dict(DATA_PATH=str(tiny_data), CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1,
                     GPTQ_LITE_ENABLED=1, CALIB_MAX_EVALS=16, CALIB_MAX_SECONDS=300), **overrides)
-    hp = tiny_hparams(**env)
+    config = tiny_config(**env)
     model = _perturbed(tiny_model(**env), seed)
-    train_gpt.export_fidelity(model, hp, train_gpt.Dist(), lambda line: None)
-    return model, hp
+    train_gpt.export_fidelity(model, config, train_gpt.Dist(), lambda line: None, config.export.calib_max_seconds)
+    return model, config
 
 
 def test_calibration_never_increases_the_calibration_loss(tiny_data):
     """Coordinate search only keeps improvements: calibrated loss <= plain loss, and it does move some buffer."""
-    hp = tiny_hparams(DATA_PATH=str(tiny_data), CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1, CALIB_MAX_EVALS=16)
+    config = tiny_config(DATA_PATH=str(tiny_data), CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1, CALIB_MAX_EVALS=16)
     model = _perturbed(tiny_model())
-    tokens = train_gpt.calibration_tokens(hp)
-    plain = train_gpt.calibration_loss(model, tokens, hp.train_seq_len, hp.eval_batch_seqs)
-    stats = train_gpt.calibrate_ternary(model, tokens, hp)
+    tokens = train_gpt.calibration_tokens(config.run.data_path, 1024, config.export)
+    plain = train_gpt.calibration_loss(model, tokens, 64, 8)
+    stats = train_gpt.calibrate_ternary(model, tokens, config.export, 8)
     assert stats["evals"] <= 16 and stats["base_loss"] == plain
-    assert train_gpt.calibration_loss(model, tokens, hp.train_seq_len, hp.eval_batch_seqs) == stats["calib_loss"] <= plain
+    assert train_gpt.calibration_loss(model, tokens, 64, 8) == stats["calib_loss"] <= plain
     moved = [m for m in train_gpt.ternary_modules(model) if float(m.scale_mult) != 1.0 or abs(float(m.threshold) - 0.5) > 1e-6]
     assert moved and stats["calib_loss"] < plain
 
@@ -150,11 +150,11 @@ def _gloo_worker(rank, init_file, data_path, out_dir):
         torch.set_num_threads(1)
         env = dict(DATA_PATH=data_path, CALIB_TOKENS=512, TERNARY_SCALE_SEARCH=1, TERNARY_THRESHOLD_SEARCH=1,
                    GPTQ_LITE_ENABLED=1, CALIB_MAX_EVALS=16)
-        hp = tiny_hparams(**env)
+        config = tiny_config(**env)
         model = _perturbed(tiny_model())
-        tokens = train_gpt.calibration_tokens(hp)
+        tokens = train_gpt.calibration_tokens(data_path, 1024, config.export)
         tokens = tokens if rank == 0 else tokens.flip(0)  # rank 1 alone would choose differently
-        train_gpt.align_export(model, tokens, hp, train_gpt.Dist(rank, 2), lambda line: None, "test")
+        train_gpt.align_export(model, tokens, config.export, 8, train_gpt.Dist(rank, 2), lambda line: None, "test")
         buffers = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("scale_mult", "threshold", "clip_value"))}
         torch.save(buffers, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -191,7 +191,7 @@ def test_turbo_quant_reload_is_exact_and_rotates(tmp_path):
 def test_bad_export_config_is_refused(env, match):
     """Non-power-of-2 rotation groups and bad export options raise ConfigError."""
     with pytest.raises(train_gpt.ConfigError, match=match):
-        tiny_hparams(**env)
+        tiny_config(**env)
 
 
 class HitTable(train_gpt.FPStored):
@@ -212,7 +212,7 @@ def test_row_pruning_stores_kept_rows_and_reload_restores_zeros(tmp_path, monkey
     """Rows with fewer hits than the minimum are zeroed and dropped from the artifact; reload gives zeros there."""
     monkeypatch.setattr(train_gpt, "GPT", GPTWithTable)
     torch.manual_seed(0)
-    model = GPTWithTable(train_gpt.ModelConfig.from_hparams(tiny_hparams(FP_STORAGE=fp_storage)))
+    model = GPTWithTable(tiny_config(FP_STORAGE=fp_storage).model)
     tokens = torch.tensor([0, 1, 1, 2, 2, 2, 18, 18, 18])  # rows 0:1, 1:2, 2:6 (2 and 18)
     dropped = train_gpt.prune_rows(model, tokens, min_hits=2)
     assert dropped == {"table": 14}
@@ -224,10 +224,11 @@ def test_row_pruning_stores_kept_rows_and_reload_restores_zeros(tmp_path, monkey
     _assert_reload_exact(model, reloaded)
 
 
-def test_trainer_with_every_option_logs_export_cost(tiny_data, tmp_path):
-    """End to end (aligned training, clip + scale + threshold calibration, TurboQuant): export_cost = roundtrip - prequant."""
+def test_trainer_with_every_option_logs_export_cost(tiny_data, own_tokenizer, tmp_path):
+    """End to end (aligned training, clip + scale + threshold calibration, TurboQuant): export_cost is exactly
+    roundtrip - prequant (both logged at full precision)."""
     env = dict(
-        DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(train_gpt.SHARED_DIR / "tokenizers" / "fineweb_1024_bpe.model"),
+        DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(own_tokenizer),
         VOCAB_SIZE=1024, NUM_LAYERS=2, MODEL_DIM=64, EMBED_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, BITNET_GROUP_SIZE=32,
         TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512, COMPILE=0, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, ITERATIONS=6,
         EMA_ENABLED=0, EVAL_BATCH_SEQS=16, VAL_MAX_TOKENS=2048, CODE_BYTES=1, LOG_DIR=tmp_path, OUT_DIR=tmp_path,
@@ -239,5 +240,5 @@ def test_trainer_with_every_option_logs_export_cost(tiny_data, tmp_path):
     assert len(log_values(out, "export_calib", "evals")) == 2  # once in training, once at export
     assert "stage:train_fraction_0.500" in out
     delta, pre, post = (float(log_values(out, "export_cost", k)[0]) for k in ("delta_bpb", "prequant_bpb", "roundtrip_bpb"))
-    assert abs(delta - (post - pre)) < 2e-4
+    assert delta == post - pre
     assert log_values(out, "export_report", "code_bytes") == ["1"]

@@ -1,10 +1,36 @@
-"""TOKENIZER + BPB: byte counts exactly as the challenge counts them."""
+"""TOKENIZER + BPB: byte counts exactly as the challenge counts them (on the project's own byte-fallback tokenizer,
+and on the challenge's sp8192 where ../shared is present)."""
 import math
 
 import torch
 
 import train_gpt
 from conftest import SP8192, require_shared
+
+
+TEXTS = ["Hello world, naïve café: 日本語 text with  double spaces and digits 12345.",
+         "Ternary weights (−1/0/+1) über alles — ✓ émoji 🙂 and tabs\tinside.", "plain ascii"]
+
+
+def test_own_tokenizer_has_byte_fallback_pieces(own_tokenizer):
+    """The fixture's tokenizer is what the tests need: BOS id 1, and 256 byte pieces that count 1 byte each."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(own_tokenizer))
+    assert sp.bos_id() == 1 and sum(sp.is_byte(i) for i in range(sp.vocab_size())) == 256
+    tables = train_gpt.build_byte_tables(sp, sp.vocab_size())
+    assert all(int(tables[0][i]) == 1 for i in range(sp.vocab_size()) if sp.is_byte(i))
+    assert any(sp.is_byte(i) for i in sp.encode(TEXTS[1])), "the test text never falls back to bytes"
+
+
+def test_byte_count_equals_utf8_length_with_byte_fallback(own_tokenizer):
+    """Over documents after a BOS each, the counted bytes equal the UTF-8 length of the texts (multi-byte characters
+    encoded as byte pieces count once per byte; the document's first '▁' counts nothing)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(own_tokenizer))
+    tables = train_gpt.build_byte_tables(sp, sp.vocab_size())
+    ids = torch.tensor([i for text in TEXTS for i in [1] + sp.encode(text)])
+    expected = sum(len(sp.decode(sp.encode(text)).encode()) for text in TEXTS)
+    assert int(train_gpt.token_bytes(ids[:-1], ids[1:], tables).sum()) == expected
 
 
 def test_bpb_matches_hand_count_with_byte_fallback_bos_and_control():

@@ -17,7 +17,7 @@ import logparse  # noqa: E402
 import train_gpt  # noqa: E402
 
 SCRIPT = REPO_ROOT / "tools" / "layer_bench.py"
-TRAINER_ENV = {name for name, _, _ in train_gpt.SPEC}
+TRAINER_ENV = {f.name.upper() for _, f in train_gpt.env_fields()}
 
 
 def run_tool(*arguments, out_dir=None):
