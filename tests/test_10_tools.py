@@ -438,3 +438,21 @@ def test_cpu_proxy_dry_run_writes_our_row_and_the_baselines(tmp_path):
     rows = [line for line in text.splitlines() if "(dry-run)" in line]
     assert len(rows) == 2 and "default (dry-run)" in rows[0] and "peer_baseline (dry-run)" in rows[1]
     assert "| roundtrip |" in rows[0] and "| int8_zlib_roundtrip |" in rows[1]
+
+
+def test_gpu_check_dry_run_takes_every_measurement_and_summarizes(tmp_path):
+    """tools/gpu_check.sh --dry-run runs its four steps on the CPU (env, layer bench with the attention kernel the
+    trainer takes, the competition config's code path, the proxy default) and writes their files and a summary."""
+    from conftest import SHARED
+    if not (REPO_ROOT / ".bench" / "corpus").is_dir() and not (SHARED / "corpus" / "fineweb.train_1mb.jsonl").is_file():
+        pytest.skip("the proxy dry run needs .bench/ or ../shared")
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_DRY_TRAIN_S="4", PROXY_DATA_DIR=str(tmp_path / "data"))
+    run = subprocess.run(["bash", str(REPO_ROOT / "tools" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "layer_bench kind:attn" in summary and "attention_kernel:sdpa" in summary
+    for name in ("competition", "default"):
+        assert f"gpu_check: {name} status:0 proxy reported_stage:sliding" in summary, summary[-2000:]
+        assert f"{name} export_cost" in summary
+    assert {"env.txt", "layer_bench.txt", "competition.txt", "default.txt", "summary.txt"} <= {p.name for p in tmp_path.iterdir()}

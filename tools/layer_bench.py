@@ -253,7 +253,8 @@ def bench_block(kind, args, device, report, attn_ms):
            tokens_per_s=round(args.batch * args.seq_len / (fwd_bwd_ms / 1e3)), compiled=int(args.compile),
            compile_s=compile_s, graphs=graphs, graph_breaks=breaks,
            vs_attn=fwd_bwd_ms / attn_ms if attn_ms and kind != "attn" else None, layer_index=args.layer_index,
-           scan_chunk=train_gpt.SCAN_CHUNK if kind != "attn" else None)
+           scan_chunk=train_gpt.SCAN_CHUNK if kind != "attn" else None,
+           attention_kernel=train_gpt.attention_kernel_used(cfg, device) if kind == "attn" else None)
     return fwd_bwd_ms
 
 
