@@ -73,6 +73,10 @@ FOLDED_SETTINGS_NAME = "FOLDED_SETTINGS"
 # Registry tables whose rows are Row(name, flag, ...) calls, `flag` the name of the setting that switches the row on:
 # a row whose flag is folded off is dropped, so what only it references becomes unreachable and goes too.
 REGISTRY_TABLES = ("EVAL_STAGES",)
+# Registry dicts {"key": value, ...} of which a config reaches only some keys: SCHEMES those a QUANT_<CLASS> names,
+# MIXERS the kinds of LAYER_KINDS, or of the ARCHITECTURE preset (ARCHITECTURE_KINDS, empty = attn). The other
+# entries are dropped (and with them the classes only they reference) when every setting deciding it is folded.
+SCHEME_SETTINGS = ("quant_attn", "quant_mlp", "quant_embed", "quant_other")
 
 # lzma settings for source text: preset 6 compresses it as well as 9-extreme at half the time; lc=3, pb=0 (text
 # has no 2^pb-byte alignment) was the smallest of lc 0-4 x pb 0/2 on train_gpt.py.
@@ -566,6 +570,35 @@ def prune_registry_rows(tree, folder):
         node.value.elts = kept
 
 
+def registry_keys(tree, folder):
+    """{registry name: the keys this config can reach} for the registry dicts, where every setting deciding them
+    is folded."""
+    values, keys = folder.values, {}
+    if all(name in values for name in SCHEME_SETTINGS):
+        keys["SCHEMES"] = {values[name] for name in SCHEME_SETTINGS}
+        folder.read.update(SCHEME_SETTINGS)
+    presets = next((ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "ARCHITECTURE_KINDS" for t in node.targets)), None)
+    if presets is not None and "layer_kinds" in values and "architecture" in values:
+        plan = values["layer_kinds"] or presets.get(values["architecture"] or "attn", "")
+        if plan:
+            keys["MIXERS"] = {kind.strip() for kind in plan.split(",")}
+            folder.read.update(("layer_kinds", "architecture"))
+    return keys
+
+
+def prune_registry_dicts(tree, folder):
+    """Drop the entries of the registry dicts (registry_keys) this config cannot reach."""
+    reachable = registry_keys(tree, folder)
+    for node in tree.body:
+        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and targets and targets[0] in reachable:
+            pairs = [(k, v) for k, v in zip(node.value.keys, node.value.values)
+                     if not isinstance(k, ast.Constant) or k.value in reachable[targets[0]]]
+            folder.folded += len(node.value.keys) - len(pairs)
+            node.value.keys, node.value.values = [k for k, _ in pairs], [v for _, v in pairs]
+
+
 def record_folded_settings(tree, folder):
     """Write {NAME: value} of the settings a folded condition read into the trainer's FOLDED_SETTINGS assignment."""
     folded = {name.upper(): folder.values[name] for name in sorted(folder.read)}
@@ -679,6 +712,7 @@ def transformed_code(source, config=None):
     folder = ConditionFolder(foldable_values(tree, config))
     tree = folder.visit(tree)
     prune_registry_rows(tree, folder)
+    prune_registry_dicts(tree, folder)
     edit_blocks(tree, drop_statements_after_terminators)
     edit_blocks(tree, fill_empty_block)
     removed, used = remove_unreachable_definitions(tree)

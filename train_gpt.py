@@ -52,6 +52,10 @@ class ConfigError(ValueError):
     """A config or input problem; the message names the variable or file and the fix."""
 
 
+STORAGE_SCHEMES = ("ternary", "int8", "int7", "int6", "int5", "int4", "fp8", "fp4", "fp16")  # the keys of SCHEMES
+TENSOR_CLASSES = ("attn", "mlp", "embed", "other")  # what each QUANT_<CLASS> setting stores (see quant_linear)
+
+
 def setting(default, help):
     """One env var: a dataclass field whose env name is its name in upper case."""
     return field(default=default, metadata={"help": help})
@@ -131,7 +135,12 @@ class ModelConfig:
     stochastic_depth: float = setting(0.0, "largest per-sample drop probability of a block's residual branches (last layer; linear in depth; training only)")
     ternary_noise_scale: float = setting(0.0, "training-only Gaussian noise on latent ternary weights before quantization, times the group absmean; 0 = off")
     turbo_quant_train: int = setting(0, "1 = Hadamard-rotate each ternary weight group before ternarization (TurboQuant), in training and in the artifact; BITNET_GROUP_SIZE a power of 2")
-    fp_storage: str = setting("fp16", "storage of non-ternary matrices: fp16 | fp8 | fp4 (trained through the same rounding)")
+    quant_attn: str = setting("ternary", "storage scheme of attention q/k/v/out and the SKC / Koopman mixer matrices: ternary | int8..int4 | fp8 | fp4 | fp16")
+    quant_mlp: str = setting("ternary", "storage scheme of the MLP (and MoE expert) matrices: ternary | int8..int4 | fp8 | fp4 | fp16")
+    quant_embed: str = setting("fp16", "storage scheme of the tied embedding, its projections, engram tables and the MoE router: int8..int4 | fp8 | fp4 | fp16")
+    quant_other: str = setting("ternary", "storage scheme of the engram projections, capsule bank and feedback matrices: ternary | int8..int4 | fp8 | fp4 | fp16")
+    gptq_sdclip_k: str = setting("", "int-k clip (every int class: RTN, QAT and GPTQ): empty = absmax; k = k * std(row) (SDClip); or per class, e.g. attn:12.85,mlp:12.85,embed:20")
+    qat_start_fraction: float = setting(1.0, "int-k classes train through their rounding (STE) from this training fraction on (1 = never: full precision, quantized at export)")
     bigram_hash_enabled: int = setting(0, "1 = add hashed n-gram (engram) embeddings of the current and previous tokens to the residual")
     bigram_hash_buckets: int = setting(4096, "rows per engram table (row 0 is reserved for n-grams without enough history or crossing a BOS)")
     bigram_hash_dim: int = setting(64, "width of each engram table row")
@@ -190,7 +199,12 @@ class ModelConfig:
         _require(self.rotary_dims % 2 == 0 and self.rotary_dims <= self.head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
         _require(self.mlp_activation in ("leaky_relu2", "relu2"), f"MLP_ACTIVATION={self.mlp_activation!r}: leaky_relu2 | relu2")
         _require(self.softcap_type in ("poly", "tanh"), f"SOFTCAP_TYPE={self.softcap_type!r}: poly | tanh")
-        _require(self.fp_storage in ("fp16", "fp8", "fp4"), f"FP_STORAGE={self.fp_storage!r}: fp16 | fp8 | fp4")
+        for tensor_class in TENSOR_CLASSES:
+            scheme = getattr(self, f"quant_{tensor_class}")
+            allowed = [name for name in STORAGE_SCHEMES if tensor_class != "embed" or name != "ternary"]
+            _require(scheme in allowed, f"QUANT_{tensor_class.upper()}={scheme!r}: choose one of {' | '.join(allowed)}")
+        class_values("GPTQ_SDCLIP_K", self.gptq_sdclip_k)
+        _require(0 <= self.qat_start_fraction <= 1, f"QAT_START_FRACTION={self.qat_start_fraction} must be in [0, 1]")
         _require(self.vocab_size >= 2, f"VOCAB_SIZE={self.vocab_size} must be >= 2")
         _require(self.bitnet_group_size > 0, "BITNET_GROUP_SIZE must be positive")
         _require(self.num_layers >= 1, "NUM_LAYERS must be >= 1")
@@ -281,6 +295,15 @@ class ExportConfig:
     export_aligned_train: int = setting(0, "1 = run clip search + calibration once at EXPORT_ALIGNED_START_FRACTION of training and keep training through them")
     export_aligned_start_fraction: float = setting(0.85, "training fraction at which EXPORT_ALIGNED_TRAIN calibrates (the time counts as training time)")
     engram_prune_min_hits: int = setting(0, "at export, zero and drop rows of hit-counted tables (count_row_hits) with fewer hits over the calibration tokens (0 = off)")
+    gptq: int = setting(0, "1 = full-Hessian GPTQ at export of every int-k matrix (and the int-k embedding as the head), inside the training budget")
+    gptq_calib: str = setting("train", "GPTQ calibration: train (the held-out train tail) | selfgen (text the model samples itself; reads no data)")
+    gptq_calib_tokens: int = setting(65536, "GPTQ calibration tokens (train: the last GPTQ_CALIB_TOKENS + 1 train tokens, held out of training)")
+    gptq_damp: float = setting(0.01, "GPTQ damping: this times mean(diag H) is added to the Hessian's diagonal")
+    gptq_block: int = setting(128, "GPTQ columns per block (errors propagate within a block, then to the rest at once)")
+    gptq_ternary: int = setting(0, "1 = GPTQ the ternary matrices too (on their fixed group scales; not with TURBO_QUANT_TRAIN)")
+    gptq_clip_search: int = setting(0, "1 = per row, GPTQ's int-k clip is the SDClip k (of a fixed list, absmax included) with the least H-weighted rounding error")
+    lqer_rank: int = setting(0, "LQER: rank of the fp16 low-rank correction of each matrix's quantization error, added at reload (0 = off)")
+    lqer_classes: str = setting("attn,mlp", "LQER: comma list of the tensor classes it corrects (attn, mlp, embed, other)")
 
     @property
     def export_search(self):
@@ -295,6 +318,12 @@ class ExportConfig:
                  "TERNARY_SCALE_SEARCH=1 or TERNARY_THRESHOLD_SEARCH=1")
         _require(0 <= self.export_aligned_start_fraction < 1, f"EXPORT_ALIGNED_START_FRACTION={self.export_aligned_start_fraction} must be in [0, 1)")
         _require(self.engram_prune_min_hits >= 0, "ENGRAM_PRUNE_MIN_HITS must be >= 0")
+        _require(self.gptq_calib in ("train", "selfgen"), f"GPTQ_CALIB={self.gptq_calib!r}: train | selfgen")
+        _require(self.gptq_calib_tokens >= 2 and self.gptq_block >= 1 and self.gptq_damp >= 0,
+                 "GPTQ_CALIB_TOKENS must be >= 2, GPTQ_BLOCK >= 1 and GPTQ_DAMP >= 0")
+        _require(self.lqer_rank >= 0, f"LQER_RANK={self.lqer_rank} must be >= 0")
+        classes = [c.strip() for c in self.lqer_classes.split(",") if c.strip()]
+        _require(classes and set(classes) <= set(TENSOR_CLASSES), f"LQER_CLASSES={self.lqer_classes!r}: a comma list of {', '.join(TENSOR_CLASSES)}")
 
 
 @dataclass
@@ -355,6 +384,7 @@ class EvalConfig:
 SECTIONS = {"run": RunConfig, "model": ModelConfig, "train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}
 
 RETIRED = {  # env vars that were settings once: set, they are an error naming what replaced them
+    "FP_STORAGE": "QUANT_EMBED (the scheme of the embedding, its projections, engram tables and router; QUANT_ATTN / QUANT_MLP / QUANT_OTHER for the rest)",
     "EMA_DECAY": "EMA_HORIZON_FRACTION (the EMA's time constant as a fraction of the run, the same at any step count)",
     "TURBO_QUANT_EXPORT": "TURBO_QUANT_TRAIN alone (the artifact always stores the codes the model trained through)",
     "KOOPMAN_RANK": "CAPSULE_KOOPMAN_RANK (the capsule bank's predictor rank; the Koopman SSM layer's correction rank is fixed)",
@@ -446,6 +476,23 @@ def _cast(name, raw, kind):
 def _require(condition, message):
     if not condition:
         raise ConfigError(message)
+
+
+def class_values(name, text):
+    """A per-tensor-class number setting: '' -> {}, 'k' -> every class k, 'attn:k1,mlp:k2' -> those classes; each >= 0."""
+    text = text.strip()
+    try:
+        if not text:
+            return {}
+        if ":" not in text:
+            values = dict.fromkeys(TENSOR_CLASSES, float(text))
+        else:
+            values = {key.strip(): float(value) for key, value in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        values = None
+    _require(values is not None and set(values) <= set(TENSOR_CLASSES) and min(values.values(), default=0) >= 0,
+             f"{name}={text!r}: empty, a number >= 0, or class:number pairs over {', '.join(TENSOR_CLASSES)} (e.g. attn:12.85,mlp:12.85,embed:20)")
+    return values
 
 
 def _int_list(name, text):
@@ -734,9 +781,12 @@ def train_tail(data_path, vocab_size, count):
 
 def heldout_tokens(export_cfg, eval_cfg):
     """Train tokens at the end of the stream kept out of training for calibration, clip search, row pruning
-    (CALIB_TOKENS + 1) and temperature fitting (TEMP_FIT_TOKENS); 0 when none of them is on."""
+    (CALIB_TOKENS + 1), GPTQ calibration (GPTQ_CALIB_TOKENS + 1) and temperature fitting (TEMP_FIT_TOKENS); 0 when
+    none of them is on (they share the tail)."""
     calibrating = export_cfg.export_search or export_cfg.engram_prune_min_hits or export_cfg.export_aligned_train
-    return max(export_cfg.calib_tokens + 1 if calibrating else 0, eval_cfg.temp_fit_tokens if eval_cfg.temp_scaling else 0)
+    gptq_train = export_cfg.gptq and export_cfg.gptq_calib == "train"
+    return max(export_cfg.calib_tokens + 1 if calibrating else 0, eval_cfg.temp_fit_tokens if eval_cfg.temp_scaling else 0,
+               export_cfg.gptq_calib_tokens + 1 if gptq_train else 0)
 
 
 # The smoke preset's corpus: without ../shared, the project's own docs and sources, the first 300 paragraphs as val.
@@ -947,8 +997,8 @@ FP_MAX = {"fp8": 448.0, "fp4": 6.0}                 # largest finite value of e4
 
 @fp32_region
 def fp_quantize(weight, scheme):
-    """FP storage of a non-ternary matrix. fp16: codes = fp16(w), no scales. fp8 / fp4: per-row scale
-    fp16(absmax / FP_MAX), codes = e4m3(w / scale) (uint8 bits) or a 4-bit sign+index into FP4_GRID (uint8)."""
+    """FP storage of a matrix. fp16: codes = fp16(w), no scales. fp8 / fp4: per-row scale fp16(absmax / FP_MAX),
+    codes = e4m3(w / scale) (uint8 bits) or a 4-bit sign+index into FP4_GRID (uint8 0..15)."""
     if scheme == "fp16":
         return weight.detach().half(), None
     scales = (weight.detach().abs().amax(dim=1, keepdim=True) / FP_MAX[scheme]).half().clamp_min(2 ** -24)
@@ -972,6 +1022,178 @@ def fp_dequantize(codes, scales, scheme):
     return values * scales.float()
 
 
+def int_scales(weight, bits, clip_k=0.0):
+    """Per-row scales (rows, 1) fp16 of symmetric int-`bits`: the row's clip c over qmax = 2^(bits-1) - 1, with
+    c = max |w| (clip_k = 0, round to nearest without clipping) or clip_k * std(row) (SDClip: a larger k spends
+    fewer distinct codes on a row, so its codes compress better, at more rounding error)."""
+    w, qmax = weight.detach().float(), 2 ** (bits - 1) - 1
+    clip = w.abs().amax(1, keepdim=True) if clip_k <= 0 else clip_k * w.std(1, keepdim=True)
+    return (clip / qmax).half().clamp_min(2 ** -24)
+
+
+@fp32_region
+def int_quantize(weight, bits, clip_k=0.0, scales=None):
+    """Symmetric per-row int-`bits` codes (int8, |code| <= qmax) and fp16 scales (rows, 1): code = clamp(round(w /
+    scale), -qmax, qmax). `scales` given (GPTQ fixes them first) skips int_scales."""
+    qmax = 2 ** (bits - 1) - 1
+    scales = int_scales(weight, bits, clip_k) if scales is None else scales
+    codes = torch.round(weight.detach().float() / scales.float()).clamp(-qmax, qmax)
+    return codes.to(torch.int8), scales
+
+
+@fp32_region
+def int_dequantize(codes, scales):
+    return codes.float() * scales.float()
+
+
+def pack_base3(codes):
+    """int8 codes in {-1,0,1} -> bytes, 5 trits per byte (3^5 = 243 <= 256), little-endian digits."""
+    digits = (np.asarray(codes, dtype=np.int8).reshape(-1) + 1).astype(np.uint8)
+    digits = np.pad(digits, (0, -len(digits) % 5)).reshape(-1, 5)
+    return (digits @ np.array([1, 3, 9, 27, 81], dtype=np.uint16)).astype(np.uint8).tobytes()
+
+
+def unpack_base3(data, count):
+    values = np.frombuffer(data, dtype=np.uint8).astype(np.int16)[:, None]
+    digits = (values // np.array([1, 3, 9, 27, 81], dtype=np.int16)) % 3
+    return (digits.reshape(-1)[:count] - 1).astype(np.int8)
+
+
+def pack_bitmask(codes):
+    """int8 codes -> packbits(nonzero) + packbits(positive among the nonzero)."""
+    flat = np.asarray(codes, dtype=np.int8).reshape(-1)
+    nonzero = flat != 0
+    return np.packbits(nonzero).tobytes() + np.packbits(flat[nonzero] > 0).tobytes()
+
+
+def unpack_bitmask(data, count):
+    raw = np.frombuffer(data, dtype=np.uint8)
+    mask_bytes = -(-count // 8)
+    nonzero = np.unpackbits(raw[:mask_bytes])[:count].astype(bool)
+    signs = np.unpackbits(raw[mask_bytes:])[: int(nonzero.sum())]
+    codes = np.zeros(count, dtype=np.int8)
+    codes[nonzero] = np.where(signs == 1, 1, -1)
+    return codes
+
+
+def pack_bits(values, bits):
+    """Unsigned ints < 2^bits -> bytes, `bits` per value, little-endian bit order (int6: 4 values in 3 bytes)."""
+    planes = np.unpackbits(np.asarray(values, dtype=np.uint8).reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data, bits, count):
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[:count * bits].reshape(count, bits)
+    return np.packbits(np.pad(planes, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little")[:, 0]
+
+
+def probe_compressed_size(data):
+    """A fast stand-in for the artifact's final codec: brotli quality 5 (lzma preset 1 without brotli). On 768 x 768
+    int-k codes it picks what brotli 11 prefers: bytes for int5 / int6, bits for int4 (absmax and SDClip 12.85)."""
+    try:
+        import brotli
+        return len(brotli.compress(data, quality=5))
+    except ImportError:
+        return len(lzma.compress(data, preset=1))
+
+
+def pack_small_ints(values, bits):
+    """values in [0, 2^bits) as bytes: `bits`-packed or one byte each, whichever compresses smaller (the codec's
+    entropy coder does better on byte-aligned codes of int5 / int6; bit-packed int4 wins). Returns (encoding, bytes)."""
+    flat = np.asarray(values, dtype=np.uint8).reshape(-1)
+    candidates = {"bytes": flat.tobytes()}
+    if bits < 8:
+        candidates[f"bits{bits}"] = pack_bits(flat, bits)
+    return min(candidates.items(), key=lambda item: (probe_compressed_size(item[1]), item[0]))
+
+
+def unpack_small_ints(encoding, data, count):
+    if encoding == "bytes":
+        return np.frombuffer(data, dtype=np.uint8)[:count].copy()
+    return unpack_bits(data, int(encoding[4:]), count)
+
+
+class TernaryScheme:
+    """BitNet b1.58 ternary codes in {-1, 0, 1} per BITNET_GROUP_SIZE group scale (ternary_quantize), packed base-3
+    (5 trits per byte) or as a nonzero bitmask plus signs, whichever is smaller."""
+    name, bits = "ternary", math.log2(3)
+
+    def quantize(self, weight, group_size, scale_mult=1.0, threshold=0.5, rotate=False, clip=None):
+        return ternary_quantize(weight, group_size, scale_mult, threshold, rotate, clip)
+
+    def dequantize(self, codes, scales, group_size, rotate=False, **_):
+        return ternary_dequantize(codes, scales, group_size, rotate)
+
+    def pack(self, codes):
+        flat = np.asarray(codes, dtype=np.int8)
+        base3, bitmask = pack_base3(flat), pack_bitmask(flat)
+        return ("base3", base3) if len(base3) <= len(bitmask) else ("bitmask", bitmask)
+
+    def unpack(self, encoding, data, count):
+        return (unpack_base3 if encoding == "base3" else unpack_bitmask)(data, count)
+
+
+class IntScheme:
+    """Symmetric per-row int-k (int_quantize; clip: absmax or SDClip k * std), codes offset to [0, 2 qmax] and
+    packed k bits each or one byte each (pack_small_ints)."""
+
+    def __init__(self, bits):
+        self.name, self.bits, self.qmax = f"int{bits}", bits, 2 ** (bits - 1) - 1
+
+    def quantize(self, weight, clip_k=0.0, scales=None, **_):
+        return int_quantize(weight, self.bits, clip_k, scales)
+
+    def dequantize(self, codes, scales, **_):
+        return int_dequantize(codes, scales)
+
+    def pack(self, codes):
+        return pack_small_ints(np.asarray(codes, dtype=np.int16) + self.qmax, self.bits)
+
+    def unpack(self, encoding, data, count):
+        return (unpack_small_ints(encoding, data, count).astype(np.int16) - self.qmax).astype(np.int8)
+
+
+class FloatScheme:
+    """fp16 (no scales), fp8 e4m3 or fp4 e2m1 with per-row fp16 scales (fp_quantize); fp16 and fp8 codes are stored
+    as raw bytes, fp4 codes (0..15) as nibbles or bytes (pack_small_ints)."""
+
+    def __init__(self, name, bits):
+        self.name, self.bits = name, bits
+
+    def quantize(self, weight, **_):
+        return fp_quantize(weight, self.name)
+
+    def dequantize(self, codes, scales, **_):
+        return fp_dequantize(codes, scales, self.name)
+
+    def pack(self, codes):
+        if self.name == "fp4":
+            return pack_small_ints(np.asarray(codes), 4)
+        return "raw", np.ascontiguousarray(codes).tobytes()
+
+    def unpack(self, encoding, data, count):
+        if self.name == "fp4":
+            return unpack_small_ints(encoding, data, count)
+        return np.frombuffer(data, dtype=np.float16 if self.name == "fp16" else np.uint8)[:count].copy()
+
+
+# One registry of storage schemes: QUANT_ATTN / QUANT_MLP / QUANT_EMBED / QUANT_OTHER name one per tensor class;
+# training (the STE forward), export (pack), reload (unpack, dequantize) and the size estimate all go through it.
+# (build_submission.py keeps only the entries the QUANT_<CLASS> settings name; a test checks the keys are STORAGE_SCHEMES.)
+SCHEMES = {"ternary": TernaryScheme(), "int8": IntScheme(8), "int7": IntScheme(7), "int6": IntScheme(6), "int5": IntScheme(5),
+           "int4": IntScheme(4), "fp8": FloatScheme("fp8", 8), "fp4": FloatScheme("fp4", 4), "fp16": FloatScheme("fp16", 16)}
+
+
+def tensor_scheme(cfg, tensor_class):
+    """(scheme name, SDClip k) of a tensor class under the model config."""
+    return getattr(cfg, f"quant_{tensor_class}"), clip_k_of(cfg, tensor_class)
+
+
+def clip_k_of(cfg, tensor_class):
+    """GPTQ_SDCLIP_K of a class (missing: 0 = absmax)."""
+    return class_values("GPTQ_SDCLIP_K", cfg.gptq_sdclip_k).get(tensor_class, 0.0)
+
+
 class StraightThrough(torch.autograd.Function):
     """Forward returns the quantized tensor bit-exactly; backward passes the gradient to the latent weight."""
 
@@ -992,14 +1214,15 @@ def tag(param, name):
 
 class TernaryLinear(nn.Module):
     """Linear layer with ternary weights. Trains a latent fp32 weight through the STE; after reload (`frozen`)
-    the weight holds the dequantized codes and is used as is. `scale_mult` / `threshold` are export
-    calibration buffers (default: plain absmean rounding)."""
+    the weight holds the dequantized codes (plus an LQER correction when stored) and is used as is.
+    `scale_mult` / `threshold` are export calibration buffers (default: plain absmean rounding)."""
 
+    scheme = "ternary"
     noise_scale = 0.0  # TERNARY_NOISE_SCALE, set by GPT; training-only noise on the latent weight before quantization
 
     def __init__(self, in_features, out_features, group_size, rotate=False, zero_init=False):
         super().__init__()
-        self.group_size, self.rotate, self.frozen = group_size, rotate, False
+        self.group_size, self.rotate, self.frozen, self.lqer = group_size, rotate, False, None
         self.weight = tag(nn.Parameter(torch.empty(out_features, in_features)), "ternary")
         self.register_buffer("scale_mult", torch.ones(()))
         self.register_buffer("threshold", torch.full((), 0.5))
@@ -1008,6 +1231,9 @@ class TernaryLinear(nn.Module):
             nn.init.zeros_(self.weight)
         else:
             nn.init.normal_(self.weight, std=in_features ** -0.5)
+
+    def scheme_params(self):
+        return dict(group_size=self.group_size, rotate=self.rotate)
 
     def quantize(self):
         if self.frozen:
@@ -1029,37 +1255,101 @@ class TernaryLinear(nn.Module):
         noisy = latent + self.noise_scale * absmean * torch.randn_like(latent)
         return ternary_quantize(noisy, self.group_size, self.scale_mult, self.threshold, self.rotate)
 
-    def load_quantized(self, codes, scales):
-        self.stored = (codes, scales)
-        self.weight.data.copy_(ternary_dequantize(codes, scales, self.group_size, self.rotate))
-        self.frozen = True
+    def load_quantized(self, codes, scales, lqer=None):
+        load_stored(self, codes, scales, lqer)
 
     def forward(self, x):
         return F.linear(x, self.effective_weight().to(x.dtype))
 
 
-class FPStored(nn.Module):
-    """A non-ternary matrix stored as fp16 / fp8 / fp4 and trained through that same rounding."""
+def lqer_weight(weight, lqer):
+    """The frozen weight plus an LQER correction A @ B^T (factors stored fp16; None: none)."""
+    if lqer is None:
+        return weight
+    a, b = lqer
+    return weight + a.float() @ b.float().T
 
-    def __init__(self, weight, scheme, route):
+
+@torch.no_grad()
+def load_stored(module, codes, scales, lqer=None):
+    """Freeze a quantized module on stored codes / scales (and LQER factors): its weight becomes their
+    dequantization, exactly what a reload computes."""
+    module.stored, module.lqer = (codes, scales), lqer
+    dequantized = SCHEMES[module.scheme].dequantize(codes, scales, **module.scheme_params())
+    module.weight.data.copy_(lqer_weight(dequantized, lqer))
+    module.frozen = True
+
+
+class Stored(nn.Module):
+    """A matrix stored with a non-ternary scheme of SCHEMES. fp16 / fp8 / fp4 train through their rounding at
+    every step; int-k trains the latent weight in full precision until QAT_START_FRACTION (the `qat` buffer, set
+    by GPT.set_progress), then through its rounding (STE) too."""
+
+    def __init__(self, weight, scheme, route, clip_k=0.0, qat_start=1.0):
         super().__init__()
-        self.scheme, self.frozen = scheme, False
+        self.scheme, self.clip_k, self.frozen, self.lqer = scheme, clip_k, False, None
         self.weight = tag(nn.Parameter(weight), route)
+        self.always_rounded = not scheme.startswith("int")
+        self.qat_start = qat_start
+        self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    def scheme_params(self):
+        return dict(clip_k=self.clip_k)
 
     def quantize(self):
         if self.frozen:
             return self.stored
-        return fp_quantize(self.weight, self.scheme)
+        return SCHEMES[self.scheme].quantize(self.weight.detach(), clip_k=self.clip_k)
+
+    def set_progress(self, fraction):
+        self.qat.fill_(self.qat_start < 1.0 and fraction >= self.qat_start)
 
     def effective_weight(self):
         if self.frozen:
             return self.weight
-        return StraightThrough.apply(self.weight, fp_dequantize(*self.quantize(), self.scheme))
+        rounded = SCHEMES[self.scheme].dequantize(*self.quantize(), **self.scheme_params())
+        if self.always_rounded:
+            return StraightThrough.apply(self.weight, rounded)
+        return StraightThrough.apply(self.weight, torch.where(self.qat, rounded, self.weight.detach()))
 
-    def load_quantized(self, codes, scales):
-        self.stored = (codes, scales)
-        self.weight.data.copy_(fp_dequantize(codes, scales, self.scheme))
-        self.frozen = True
+    def load_quantized(self, codes, scales, lqer=None):
+        load_stored(self, codes, scales, lqer)
+
+
+class StoredLinear(Stored):
+    """A linear layer whose weight is Stored (a non-ternary QUANT_<CLASS>), initialized like TernaryLinear."""
+
+    def __init__(self, in_features, out_features, scheme, clip_k=0.0, qat_start=1.0, zero_init=False):
+        weight = torch.zeros(out_features, in_features) if zero_init else nn.init.normal_(torch.empty(out_features, in_features), std=in_features ** -0.5)
+        super().__init__(weight, scheme, "ternary", clip_k, qat_start)
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+def quant_linear(cfg, tensor_class, in_features, out_features, zero_init=False):
+    """The linear layer of a tensor class: TernaryLinear when its QUANT_<CLASS> is ternary, else a StoredLinear
+    with that scheme (and the class's SDClip k)."""
+    scheme, clip_k = tensor_scheme(cfg, tensor_class)
+    if scheme == "ternary":
+        module = TernaryLinear(in_features, out_features, cfg.bitnet_group_size, zero_init=zero_init)
+    else:
+        module = StoredLinear(in_features, out_features, scheme, clip_k, cfg.qat_start_fraction, zero_init)
+    module.tensor_class = tensor_class
+    return module
+
+
+def stored_matrix(cfg, weight, route, tensor_class="embed"):
+    """A non-linear-layer matrix (embedding, engram table, router) stored as its class's scheme."""
+    scheme, clip_k = tensor_scheme(cfg, tensor_class)
+    module = Stored(weight, scheme, route, clip_k, cfg.qat_start_fraction)
+    module.tensor_class = tensor_class
+    return module
+
+
+def quantized_modules(model):
+    """Every module whose weight an artifact stores by a scheme (ternary linears and Stored matrices)."""
+    return [m for m in model.modules() if isinstance(m, (TernaryLinear, Stored))]
 
 # -----------------------------------------------------------------------------------------------------------------
 # MODEL: LAYERS
@@ -1168,12 +1458,12 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg, layer_index):
         super().__init__()
-        d, hd, g = cfg.model_dim, cfg.head_dim, cfg.bitnet_group_size
+        d, hd = cfg.model_dim, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.q = TernaryLinear(d, cfg.num_heads * hd, g)
-        self.k = TernaryLinear(d, cfg.num_kv_heads * hd, g)
-        self.v = TernaryLinear(d, cfg.num_kv_heads * hd, g)
-        self.proj = TernaryLinear(cfg.num_heads * hd, d, g, zero_init=True)
+        self.q = quant_linear(cfg, "attn", d, cfg.num_heads * hd)
+        self.k = quant_linear(cfg, "attn", d, cfg.num_kv_heads * hd)
+        self.v = quant_linear(cfg, "attn", d, cfg.num_kv_heads * hd)
+        self.proj = quant_linear(cfg, "attn", cfg.num_heads * hd, d, zero_init=True)
         self.q_gain = tag(nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init)), "scalar")
         self.xsa = 0 <= cfg.xsa_start_layer <= layer_index
         self.vrl = bool(cfg.vrl_enabled)
@@ -1220,8 +1510,8 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.up = TernaryLinear(cfg.model_dim, hidden, cfg.bitnet_group_size)
-        self.down = TernaryLinear(hidden, cfg.model_dim, cfg.bitnet_group_size, zero_init=True)
+        self.up = quant_linear(cfg, "mlp", cfg.model_dim, hidden)
+        self.down = quant_linear(cfg, "mlp", hidden, cfg.model_dim, zero_init=True)
         self.negative_slope = 0.5 if cfg.mlp_activation == "leaky_relu2" else 0.0
 
     def forward(self, x, ctx=None):
@@ -1302,7 +1592,7 @@ class CapsuleRouter(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.content = TernaryLinear(cfg.model_dim, cfg.skc_num_capsules, cfg.bitnet_group_size)
+        self.content = quant_linear(cfg, "attn", cfg.model_dim, cfg.skc_num_capsules)
         self.band = tag(nn.Parameter(torch.randn(cfg.skc_block_size, cfg.skc_num_capsules) * 0.1), "scalar")
 
     def forward(self, features):
@@ -1331,21 +1621,21 @@ class SKCMixer(nn.Module):
 
     def __init__(self, cfg, layer_index):
         super().__init__()
-        d, g, n, k = cfg.model_dim, cfg.bitnet_group_size, cfg.skc_num_capsules, cfg.skc_capsule_dim
-        self.spectral = TernaryLinear(d, 2 * d, g)
+        d, n, k = cfg.model_dim, cfg.skc_num_capsules, cfg.skc_capsule_dim
+        self.spectral = quant_linear(cfg, "attn", d, 2 * d)
         self.decay_logit = skc_tag(nn.Parameter(torch.linspace(1.0, 6.0, d)), "scalar")  # decays 0.73 .. 0.997
         self.initial_state = skc_tag(nn.Parameter(torch.zeros(d)), "scalar")
         self.router = CapsuleRouter(cfg)
-        self.to_capsule = TernaryLinear(d, k, g)
+        self.to_capsule = quant_linear(cfg, "attn", d, k)
         self.eigen_logit = tag(nn.Parameter(torch.linspace(0.5, 3.0, n)), "scalar")  # eigenvalues tanh: 0.46 .. 0.995
         self.coupling_in = tag(nn.Parameter(torch.randn(n, COUPLING_RANK) * 0.1), "scalar")
         self.coupling_out = tag(nn.Parameter(torch.randn(n, COUPLING_RANK) * 0.1), "scalar")
         self.nonlinear_gate = tag(nn.Parameter(torch.zeros(n)), "scalar")
-        self.from_capsule = TernaryLinear(k, d, g)
+        self.from_capsule = quant_linear(cfg, "attn", k, d)
         self.capsule_mix = skc_tag(nn.Parameter(torch.ones(d)), "scalar")
         self.conv = skc_tag(nn.Parameter(torch.randn(d, cfg.skc_conv_kernel) * cfg.skc_conv_kernel ** -0.5), "scalar")
         self.conv_mix = skc_tag(nn.Parameter(torch.ones(d)), "scalar")
-        self.proj = TernaryLinear(d, d, g, zero_init=True)
+        self.proj = quant_linear(cfg, "attn", d, d, zero_init=True)
         self.amp_ramp = cfg.skc_amp_ramp_fraction if cfg.skc_parallel_residual else 0.0
         self.entropy_weight = cfg.skc_aux_entropy_fraction
 
@@ -1393,13 +1683,13 @@ class KoopmanSSM(nn.Module):
 
     def __init__(self, cfg, layer_index):
         super().__init__()
-        d, g = cfg.model_dim, cfg.bitnet_group_size
-        self.inp = TernaryLinear(d, 3 * d, g)  # value, step size, output gate
+        d = cfg.model_dim
+        self.inp = quant_linear(cfg, "attn", d, 3 * d)  # value, step size, output gate
         self.dt_bias = tag(nn.Parameter(torch.log(torch.expm1(torch.logspace(-3, -1, d)))), "scalar")  # decays 0.999 .. 0.905
         self.conv = tag(nn.Parameter(torch.randn(d, cfg.skc_conv_kernel) * cfg.skc_conv_kernel ** -0.5), "scalar")
-        self.correction_down = TernaryLinear(d, SSM_CORRECTION_RANK, g)
-        self.correction_up = TernaryLinear(SSM_CORRECTION_RANK, d, g, zero_init=True)
-        self.proj = TernaryLinear(d, d, g, zero_init=True)
+        self.correction_down = quant_linear(cfg, "attn", d, SSM_CORRECTION_RANK)
+        self.correction_up = quant_linear(cfg, "attn", SSM_CORRECTION_RANK, d, zero_init=True)
+        self.proj = quant_linear(cfg, "attn", d, d, zero_init=True)
         self.reset_on_bos = bool(cfg.reset_ssm_on_bos)
 
     def forward(self, x, ctx):
@@ -1415,6 +1705,10 @@ class KoopmanSSM(nn.Module):
 
 MIXERS = {"attn": CausalSelfAttention, "skc": SKCMixer, "koopman_ssm": KoopmanSSM}  # LAYER_KINDS names these
 
+# The mixer kinds each ARCHITECTURE preset uses (build_submission.py keeps only those MIXERS entries; a test checks
+# every expansion below stays within them).
+ARCHITECTURE_KINDS = {"attn": "attn", "skc": "skc", "koopman_ssm": "koopman_ssm", "hybrid": "attn,koopman_ssm",
+                      "competition": "attn,skc"}
 ARCHITECTURES = {  # ARCHITECTURE presets: the LAYER_KINDS each expands to
     "attn": lambda cfg: ["attn"] * cfg.num_layers,
     "skc": lambda cfg: ["skc"] * cfg.num_layers,
@@ -1495,7 +1789,7 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------------------------------------------
 # MODEL: ADD-ONS
 # Optional modules that write into the residual stream (GPT.addons) or replace an MLP (MoE). Each is built from
-# TernaryLinear / FPStored / tagged scalars, so it trains, exports and reloads like the rest; each is causal.
+# quant_linear / stored_matrix / tagged scalars, so it trains, exports and reloads like the rest; each is causal.
 # -----------------------------------------------------------------------------------------------------------------
 
 def prefix_mean(z):
@@ -1540,15 +1834,19 @@ class EngramHash(nn.Module):
         super().__init__()
         self.orders, self.heads, self.buckets = cfg.engram_num_orders, cfg.engram_num_heads, cfg.bigram_hash_buckets
         tables, width = self.orders * self.heads, self.orders * self.heads * cfg.bigram_hash_dim
-        self.tables = FPStored(torch.randn(tables * self.buckets, cfg.bigram_hash_dim) * 0.02, cfg.fp_storage, "embed")
-        self.value = TernaryLinear(width, cfg.model_dim, cfg.bitnet_group_size)
-        self.key = TernaryLinear(width, cfg.model_dim, cfg.bitnet_group_size)
+        self.tables = stored_matrix(cfg, torch.randn(tables * self.buckets, cfg.bigram_hash_dim) * 0.02, "embed")
+        self.value = quant_linear(cfg, "other", width, cfg.model_dim)
+        self.key = quant_linear(cfg, "other", width, cfg.model_dim)
         self.gate_scale = tag(nn.Parameter(torch.zeros(())), "scalar")
         self.gate_bias = tag(nn.Parameter(torch.zeros(())), "scalar")
         self.tables.weight.ttt_group = "engram"
 
     def rows(self, input_ids):
         return engram_rows(input_ids, self.orders, self.heads, self.buckets)
+
+    def row_table(self):
+        """The table ENGRAM_PRUNE_MIN_HITS prunes (prune_rows) by count_row_hits."""
+        return self.tables
 
     def count_row_hits(self, input_ids):
         """How often each table row is looked up by these tokens: LongTensor (rows,), for row pruning."""
@@ -1577,11 +1875,11 @@ class CapsuleBank(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        d, c, k, g = cfg.model_dim, cfg.capsule_num, cfg.capsule_dim, cfg.bitnet_group_size
+        d, c, k = cfg.model_dim, cfg.capsule_num, cfg.capsule_dim
         self.capsule_dim, self.steps = k, cfg.koopman_speculative_steps
         self.halt_threshold, self.consistency_weight = cfg.koopman_halt_threshold, cfg.koopman_consistency_weight
-        self.assign, self.value = TernaryLinear(d, c, g), TernaryLinear(d, k, g)
-        self.query, self.out = TernaryLinear(d, k, g), TernaryLinear(k, d, g)
+        self.assign, self.value = quant_linear(cfg, "other", d, c), quant_linear(cfg, "other", d, k)
+        self.query, self.out = quant_linear(cfg, "other", d, k), quant_linear(cfg, "other", k, d)
         self.diag = tag(nn.Parameter(torch.full((k,), 0.9)), "scalar")
         self.left = tag(nn.Parameter(torch.randn(k, cfg.capsule_koopman_rank) * 0.02), "scalar")
         self.right = tag(nn.Parameter(torch.randn(k, cfg.capsule_koopman_rank) * 0.02), "scalar")
@@ -1647,11 +1945,11 @@ class FeedbackAdapters(nn.Module):
 
     def __init__(self, cfg, num_decoder):
         super().__init__()
-        d, s, g = cfg.model_dim, min(FEEDBACK_SKETCH_DIM, cfg.model_dim), cfg.bitnet_group_size
+        d, s = cfg.model_dim, min(FEEDBACK_SKETCH_DIM, cfg.model_dim)
         self.passes = cfg.feedback_passes
-        self.down = TernaryLinear(d, s, g)
-        self.refine = TernaryLinear(s, d, g) if self.passes > 1 else None  # built only when used: DDP needs every grad
-        self.adapters = nn.ModuleList(TernaryLinear(s, d, g) for _ in range(num_decoder))
+        self.down = quant_linear(cfg, "other", d, s)
+        self.refine = quant_linear(cfg, "other", s, d) if self.passes > 1 else None  # built only when used: DDP needs every grad
+        self.adapters = nn.ModuleList(quant_linear(cfg, "other", s, d) for _ in range(num_decoder))
         self.scales = tag(nn.Parameter(torch.full((num_decoder, d), 0.1)), "scalar")
 
     def sketch(self, x):
@@ -1685,7 +1983,7 @@ class MoEMLP(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.moe_num_experts, cfg.moe_top_k
         self.start_fraction, self.aux_weight = cfg.moe_start_fraction, cfg.moe_aux_weight
-        self.router = FPStored(torch.randn(cfg.moe_num_experts, cfg.model_dim) * cfg.model_dim ** -0.5, cfg.fp_storage, "dense")
+        self.router = stored_matrix(cfg, torch.randn(cfg.moe_num_experts, cfg.model_dim) * cfg.model_dim ** -0.5, "dense")
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.moe_num_experts))
 
     def routing(self, x):
@@ -1730,9 +2028,9 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, e = cfg.model_dim, cfg.embed_width
-        self.tok_emb = FPStored(torch.randn(cfg.vocab_size, e) * 0.005, cfg.fp_storage, "embed")
-        self.embed_in = FPStored(torch.randn(d, e) * e ** -0.5, cfg.fp_storage, "dense") if e != d else None
-        self.embed_out = FPStored(torch.randn(e, d) * d ** -0.5, cfg.fp_storage, "dense") if e != d else None
+        self.tok_emb = stored_matrix(cfg, torch.randn(cfg.vocab_size, e) * 0.005, "embed")
+        self.embed_in = stored_matrix(cfg, torch.randn(d, e) * e ** -0.5, "dense") if e != d else None
+        self.embed_out = stored_matrix(cfg, torch.randn(e, d) * d ** -0.5, "dense") if e != d else None
         kinds, distinct = layer_plan(cfg), cfg.shared_blocks or cfg.num_layers
         if any(kinds[i] != kinds[i % distinct] for i in range(cfg.num_layers)):
             raise ConfigError(f"SHARED_BLOCKS={cfg.shared_blocks}: layer kinds {kinds} do not repeat with that period; "
@@ -1761,6 +2059,9 @@ class GPT(nn.Module):
         that switch on or ramp with training read it from the Context. A reloaded model runs at 1.0."""
         self.progress.fill_(float(fraction))
         self.recurrence_active = float(fraction) >= self.cfg.recurrence_start_fraction
+        for module in self.modules():
+            if isinstance(module, Stored):
+                module.set_progress(float(fraction))
 
     def _rope_tables(self, seq_len, device):
         c = self.cfg
@@ -2054,76 +2355,47 @@ ARTIFACT_MAGIC, ARTIFACT_VERSION = b"SKCA", 1
 CODECS = {0: "lzma", 1: "brotli"}
 
 
-def pack_base3(codes):
-    """int8 codes in {-1,0,1} -> bytes, 5 trits per byte (3^5 = 243 <= 256), little-endian digits."""
-    digits = (np.asarray(codes, dtype=np.int8).reshape(-1) + 1).astype(np.uint8)
-    digits = np.pad(digits, (0, -len(digits) % 5)).reshape(-1, 5)
-    return (digits @ np.array([1, 3, 9, 27, 81], dtype=np.uint16)).astype(np.uint8).tobytes()
-
-
-def unpack_base3(data, count):
-    values = np.frombuffer(data, dtype=np.uint8).astype(np.int16)[:, None]
-    digits = (values // np.array([1, 3, 9, 27, 81], dtype=np.int16)) % 3
-    return (digits.reshape(-1)[:count] - 1).astype(np.int8)
-
-
-def pack_bitmask(codes):
-    """int8 codes -> packbits(nonzero) + packbits(positive among the nonzero)."""
-    flat = np.asarray(codes, dtype=np.int8).reshape(-1)
-    nonzero = flat != 0
-    return np.packbits(nonzero).tobytes() + np.packbits(flat[nonzero] > 0).tobytes()
-
-
-def unpack_bitmask(data, count):
-    raw = np.frombuffer(data, dtype=np.uint8)
-    mask_bytes = -(-count // 8)
-    nonzero = np.unpackbits(raw[:mask_bytes])[:count].astype(bool)
-    signs = np.unpackbits(raw[mask_bytes:])[: int(nonzero.sum())]
-    codes = np.zeros(count, dtype=np.int8)
-    codes[nonzero] = np.where(signs == 1, 1, -1)
-    return codes
-
-
-def pack_ternary(codes):
-    base3, bitmask = pack_base3(codes), pack_bitmask(codes)
-    return ("base3", base3) if len(base3) <= len(bitmask) else ("bitmask", bitmask)
-
-
-def unpack_ternary(encoding, data, count):
-    return (unpack_base3 if encoding == "base3" else unpack_bitmask)(data, count)
-
-
 def _raw_part(tensor, kind):
     array = tensor.detach().cpu().contiguous().numpy()
     return dict(encoding="raw", dtype=str(array.dtype), shape=list(array.shape), kind=kind), array.tobytes()
 
 
+def quantized_parts(module):
+    """(entry fields, [(part meta, bytes)]) of one quantized module, by its scheme: packed codes, raw fp16 scales,
+    a row bitmap first when rows were pruned (encoding `rowpruned`), LQER factors last when stored."""
+    scheme = SCHEMES[module.scheme]
+    kind = {"ternary": "ternary"}.get(module.scheme, "int" if module.scheme.startswith("int") else "fp")
+    codes, scales = module.quantize()
+    keep = getattr(module, "row_keep", None)
+    if keep is not None:
+        codes, scales = codes[keep], scales[keep] if scales is not None else None
+    array = codes.detach().cpu().contiguous().numpy()
+    encoding, packed = scheme.pack(array)
+    parts = [(dict(encoding=encoding, dtype=str(array.dtype), shape=list(array.shape), kind=f"{kind}_codes"), packed)]
+    if scales is not None:
+        parts.append(_raw_part(scales, f"{kind}_scales"))
+    fields = dict(scheme=module.scheme)
+    if keep is not None:
+        parts.insert(0, _raw_part(torch.from_numpy(np.packbits(keep.cpu().numpy())), "row_bitmap"))
+        fields.update(encoding="rowpruned", rows=len(keep))
+    if module.lqer is not None:
+        parts += [_raw_part(factor, "lqer") for factor in module.lqer]
+        fields.update(lqer=1)
+    return fields, parts
+
+
 def export_parts(model):
-    """(header entries, blobs) for every tensor of the model's state dict, each by its module's export class."""
+    """(header entries, blobs) for every tensor of the model's state dict: quantized modules by their scheme
+    (quantized_parts), everything else as scalars (fp16 where exact, else fp32)."""
     entries, blobs, covered = [], [], set()
     for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, TernaryLinear):
-            codes, scales = module.quantize()
-            encoding, packed = pack_ternary(codes.cpu().numpy())
-            scale_meta, scale_bytes = _raw_part(scales, "ternary_scales")
-            parts = [(dict(encoding=encoding, shape=list(codes.shape), kind="ternary_codes"), packed), (scale_meta, scale_bytes)]
-        elif isinstance(module, FPStored):
-            codes, scales = module.quantize()
-            keep = getattr(module, "row_keep", None)
-            if keep is not None:
-                codes, scales = codes[keep], scales[keep] if scales is not None else None
-            parts = [_raw_part(codes, "fp_codes")] + ([_raw_part(scales, "fp_scales")] if scales is not None else [])
-            if keep is not None:
-                parts.insert(0, _raw_part(torch.from_numpy(np.packbits(keep.cpu().numpy())), "row_bitmap"))
-        else:
+        if not isinstance(module, (TernaryLinear, Stored)):
             continue
-        entries.append(dict(name=prefix + "weight", scheme="ternary" if isinstance(module, TernaryLinear) else module.scheme,
-                            parts=[meta for meta, _ in parts]))
-        if isinstance(module, FPStored) and getattr(module, "row_keep", None) is not None:
-            entries[-1].update(encoding="rowpruned", rows=len(module.row_keep))
+        name = f"{module_name}.weight" if module_name else "weight"
+        fields, parts = quantized_parts(module)
+        entries.append(dict(name=name, parts=[meta for meta, _ in parts], **fields))
         blobs += [blob for _, blob in parts]
-        covered.add(prefix + "weight")
+        covered.add(name)
     for name, tensor in model.state_dict().items():
         if name not in covered:
             value = tensor.detach().float()
@@ -2204,10 +2476,13 @@ def parse_payload(payload, path):
             if meta["encoding"] == "raw":
                 arrays.append(np.frombuffer(data, dtype=meta["dtype"]).reshape(meta["shape"]).copy())
             else:
-                arrays.append(unpack_ternary(meta["encoding"], data, int(np.prod(meta["shape"]))).reshape(meta["shape"]))
+                codes = SCHEMES[entry["scheme"]].unpack(meta["encoding"], data, int(np.prod(meta["shape"])))
+                arrays.append(codes.reshape(meta["shape"]))
+        lqer = tuple(arrays[-2:]) if entry.get("lqer") else None
+        arrays = arrays[:-2] if lqer else arrays
         if entry.get("encoding") == "rowpruned":
             arrays = unprune_rows(arrays, entry["rows"])
-        tensors[entry["name"]] = (entry["scheme"], arrays)
+        tensors[entry["name"]] = (entry["scheme"], arrays, lqer)
     if offset != len(payload):
         raise ConfigError(f"artifact {path}: {len(payload) - offset} trailing bytes; the file is corrupt")
     return header, tensors
@@ -2250,7 +2525,7 @@ def model_from_artifact(blob, label, device):
     if missing:
         raise ConfigError(f"artifact {label} lacks tensors {sorted(missing)[:5]}; it was made by another model version")
     with torch.no_grad():
-        for name, (scheme, arrays) in tensors.items():
+        for name, (scheme, arrays, lqer) in tensors.items():
             if name not in state:
                 raise ConfigError(f"artifact {label} has tensor {name} that this model does not; config mismatch")
             arrays = [torch.from_numpy(a) for a in arrays]
@@ -2258,7 +2533,8 @@ def model_from_artifact(blob, label, device):
             if scheme in ("scalar", "fp32"):  # raw tensors ("fp32": artifacts written before fp16 scalars)
                 state[name].copy_(arrays[0].view(state[name].shape))
             else:
-                module.load_quantized(arrays[0], arrays[1] if len(arrays) > 1 else None)
+                lqer = tuple(torch.from_numpy(f) for f in lqer) if lqer else None
+                module.load_quantized(arrays[0], arrays[1] if len(arrays) > 1 else None, lqer)
     model.set_progress(1.0)
     return model.to(device), header.get("meta", {})
 
@@ -2291,14 +2567,36 @@ def measure_code_bytes(export_cfg, settings):
     return here.stat().st_size
 
 
-ESTIMATE_SAMPLE_BYTES = 1 << 20  # per tensor class: enough for a stable compression ratio, ~1 s of lzma
+ESTIMATE_SAMPLE_BYTES = 1 << 18  # per tensor class: 256 KiB gives its compression ratio to about 0.2% (int6 codes)
 
 
-def estimate_artifact_bytes(model):
+def sample_compressed_size(data):
+    """The estimate's codec: the artifact's own, the smaller of lzma (preset 6: as small as 9e on these samples) and
+    brotli quality 11 (about 0.5 s per 256 KiB sample)."""
+    sizes = [len(lzma.compress(data, preset=6))]
+    try:
+        import brotli
+        sizes.append(len(brotli.compress(data, quality=11)))
+    except ImportError:
+        pass
+    return min(sizes)
+
+
+def spread_sample(data, size, pieces=16):
+    """`size` bytes of `data` as `pieces` chunks spread evenly over it (all of it when shorter): a class holding
+    tensors of different statistics (an int8 embedding before int6 blocks) is sampled across all of them."""
+    if len(data) <= size:
+        return data
+    chunk, step = size // pieces, len(data) // pieces
+    return b"".join(data[i * step:i * step + chunk] for i in range(pieces))
+
+
+def estimate_artifact_bytes(model, export_cfg=None):
     """Artifact size predicted before training (tests/test_train.py checks it lands within 3% of the real one).
     Zero-initialized matrices (output projections) would compress to nothing, which trained weights never do, so
-    the estimate serializes a copy in which they are random like the rest; the payload's exact size per tensor
-    class is then scaled by the lzma ratio of a sample of that class."""
+    the estimate serializes a copy in which they are random like the rest; the payload's exact size per part kind
+    and scheme is then scaled by the compression ratio (sample_compressed_size) of a sample spread over it. LQER factors
+    (LQER_RANK of export_cfg), made at export, add their exact fp16 bytes at the ratio of random fp16 values."""
     probe = copy.deepcopy(model).cpu()
     with torch.no_grad():
         for p in probe.parameters():
@@ -2307,15 +2605,21 @@ def estimate_artifact_bytes(model):
     round_scalars_to_fp16(probe)  # as export_fidelity does before the real export
     entries, blobs = export_parts(probe)
     by_class = {}
-    for meta, blob in zip([m for e in entries for m in e["parts"]], blobs):
-        by_class.setdefault(meta["kind"], []).append(blob)
+    for (meta, scheme), blob in zip([(m, e["scheme"]) for e in entries for m in e["parts"]], blobs):
+        by_class.setdefault((meta["kind"], scheme), []).append(blob)
     payload = serialize_model(probe)
     by_class["header"] = [payload[:len(payload) - sum(map(len, blobs))]]  # magic + JSON tensor table
     total = 1  # codec byte
     for parts in by_class.values():
         data = b"".join(parts)
-        sample = data[:ESTIMATE_SAMPLE_BYTES]
-        total += round(len(data) * len(lzma.compress(sample, preset=6)) / max(len(sample), 1))
+        sample = spread_sample(data, ESTIMATE_SAMPLE_BYTES)
+        total += round(len(data) * sample_compressed_size(sample) / max(len(sample), 1))
+    if export_cfg is not None and export_cfg.lqer_rank:
+        classes, rank = export_cfg.lqer_classes.split(","), export_cfg.lqer_rank
+        factor_bytes = sum(2 * rank * sum(m.weight.shape) for m in quantized_modules(probe)
+                           if getattr(m, "tensor_class", None) in classes and getattr(m, "row_keep", None) is None)
+        sample = torch.randn(ESTIMATE_SAMPLE_BYTES // 2, generator=torch.Generator().manual_seed(0)).half().numpy().tobytes()
+        total += round(factor_bytes * sample_compressed_size(sample) / len(sample))
     return total
 
 
@@ -2438,15 +2742,17 @@ def align_export(model, tokens, export_cfg, batch_seqs, run, log, stage, max_sec
 
 @torch.no_grad()
 def prune_rows(model, tokens, min_hits):
-    """Every FPStored module with a `count_row_hits(input_ids)` method: rows hit fewer than `min_hits` times over
-    the tokens (given as one (1, N) sequence) are zeroed and marked, so export stores a row bitmap and the kept
-    rows only (encoding `rowpruned`) and reload restores the zeros. Returns {module name: rows dropped}."""
+    """Every module with a `count_row_hits(input_ids)` method (a Stored table itself, or a module whose row_table()
+    is one, as EngramHash's tables): rows hit fewer than `min_hits` times over the tokens (given as one (1, N)
+    sequence) are zeroed and marked, so export stores a row bitmap and the kept rows only (encoding `rowpruned`)
+    and reload restores the zeros. Returns {module name: rows dropped}."""
     dropped = {}
     for name, module in model.named_modules():
-        if isinstance(module, FPStored) and hasattr(module, "count_row_hits"):
+        table = module if isinstance(module, Stored) else module.row_table() if hasattr(module, "row_table") else None
+        if hasattr(module, "count_row_hits") and isinstance(table, Stored):
             keep = module.count_row_hits(tokens[None]) >= min_hits
-            module.weight[~keep] = 0
-            module.row_keep = keep.cpu()
+            table.weight[~keep] = 0
+            table.row_keep = keep.cpu()
             dropped[name] = int((~keep).sum())
     return dropped
 
@@ -2463,6 +2769,231 @@ def export_fidelity(model, config, run, log, max_seconds):
     if export_cfg.engram_prune_min_hits:
         log(kv("export_prune", min_hits=export_cfg.engram_prune_min_hits, **prune_rows(model, tokens, export_cfg.engram_prune_min_hits)))
     align_export(model, tokens, export_cfg, config.eval.eval_batch_seqs, run, log, "final", max_seconds)
+
+
+# GPTQ (Frantar et al. 2022, arXiv:2210.17323): quantize a matrix column by column in the order of its Hessian's
+# diagonal, each column's rounding error spread over the columns not yet quantized through the Cholesky factor of
+# H^-1, so the layer's output error ||(W - W_hat) X|| is (greedily) minimal, not each weight's. H = sum X^T X over
+# calibration inputs. The grid (per-row int-k scales, or ternary group scales) is fixed before the columns move.
+
+def gptq_quantize(weight, hessian, quantize_column, block=128, damp=0.01, act_order=True, stop_after=None):
+    """weight (rows, cols), hessian (cols, cols) -> (dequantized W_hat, codes), both (rows, cols) in the original
+    column order. quantize_column(w (rows,), j) -> (dequantized (rows,), codes (rows,)) rounds column j of the
+    original order onto the fixed grid. damp * mean(diag H) is added to the diagonal (dead inputs, diag 0, get 1
+    and a zero column). stop_after=n quantizes only the first n columns in processing order and returns the rest
+    compensated but unquantized (the closed-form check of the tests)."""
+    W, H = weight.detach().float().clone(), hessian.detach().float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(cols, device=H.device)
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=H.device)
+    W, H = W[:, order], H[order][:, order]
+    H_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q, codes = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    limit = cols if stop_after is None else stop_after
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, errors, H1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=W.device), H_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if i1 + i >= limit:
+                Q[:, i1 + i:i2] = W1[:, i:]
+                break
+            q, c = quantize_column(W1[:, i], int(order[i1 + i]))
+            Q[:, i1 + i], codes[:, i1 + i] = q, c
+            error = (W1[:, i] - q) / H1[i, i]
+            W1[:, i:] -= error[:, None] * H1[i, i:][None, :]
+            errors[:, i] = error
+        W[:, i2:] -= errors @ H_inv[i1:i2, i2:]
+        if i2 > limit:
+            Q[:, i2:] = W[:, i2:]
+            break
+    inverse = torch.argsort(order)
+    return Q[:, inverse], codes[:, inverse]
+
+
+def column_quantizer(module, weight):
+    """(quantize_column for gptq_quantize, scales) of a module's scheme with its grid fixed from `weight`: int-k
+    per-row scales (its clip rule), ternary per-group scales (absmean, its calibrated multiplier and threshold)."""
+    if module.scheme == "ternary":
+        _, scales = ternary_quantize(weight, module.group_size, module.scale_mult, module.threshold)
+        s, group, threshold = scales.float(), module.group_size, float(module.threshold)
+
+        def ternary_column(w, j):
+            scale = s[:, j // group]
+            code = torch.where(w.abs() > threshold * scale, torch.sign(w), torch.zeros_like(w))
+            return code * scale, code.to(torch.int8)
+        return ternary_column, scales
+    scheme = SCHEMES[module.scheme]
+    scales = int_scales(weight, scheme.bits, module.clip_k) if getattr(module, "row_scales", None) is None else module.row_scales
+    s = scales.float()[:, 0]
+
+    def int_column(w, j):
+        code = torch.round(w / s).clamp(-scheme.qmax, scheme.qmax)
+        return code * s, code.to(torch.int8)
+    return int_column, scales
+
+
+GPTQ_CLIP_CANDIDATES = (0.0, 4.0, 6.0, 8.0, 10.0, 12.85, 16.0, 20.0)  # k of SDClip (0 = absmax), for GPTQ_CLIP_SEARCH
+
+
+def search_row_scales(weight, hessian, bits):
+    """GPTQ_CLIP_SEARCH: per row, the clip among GPTQ_CLIP_CANDIDATES whose round-to-nearest error, weighted by the
+    inputs' energy diag(H), is least: sum_j H_jj (w_j - q_j)^2. Returns scales (rows, 1) fp16."""
+    energy, best, best_error = torch.diag(hessian).float(), None, None
+    for k in GPTQ_CLIP_CANDIDATES:
+        codes, scales = int_quantize(weight, bits, k)
+        error = ((int_dequantize(codes, scales) - weight.float()).square() * energy).sum(1, keepdim=True)
+        if best is None:
+            best, best_error = scales, error
+        else:
+            better = error < best_error
+            best, best_error = torch.where(better, scales, best), torch.where(better, error, best_error)
+    return best
+
+
+def gptq_targets(model, export_cfg):
+    """{name: module} GPTQ quantizes: every unfrozen quantized linear of an int-k scheme (and ternary with
+    GPTQ_TERNARY=1, not TurboQuant-rotated ones), and the tied embedding when it is int-k (as the output head)."""
+    targets = {}
+    for name, module in model.named_modules():
+        int_linear = isinstance(module, StoredLinear) and module.scheme.startswith("int")
+        ternary = isinstance(module, TernaryLinear) and export_cfg.gptq_ternary and not module.rotate
+        if (int_linear or ternary) and not module.frozen:
+            targets[name] = module
+    if model.tok_emb.scheme.startswith("int") and not model.tok_emb.frozen:
+        targets["tok_emb"] = model.tok_emb
+    return targets
+
+
+@torch.no_grad()
+def collect_hessians(model, targets, tokens, seq_len, batch_seqs):
+    """H = sum x^T x (fp32) of every target's inputs over non-overlapping windows of `tokens`: a forward hook per
+    linear, and the head's input (the final hidden state, through embed_out) for the tied embedding."""
+    device = next(model.parameters()).device
+    hessians = {name: torch.zeros(m.weight.size(1), m.weight.size(1), device=device) for name, m in targets.items()}
+
+    def accumulate(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].size(-1))
+            hessians[name].add_(x.T @ x)
+        return hook
+
+    handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in targets.items() if name != "tok_emb"]
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(tokens) // seq_len
+        x = tokens[:n * seq_len].view(n, seq_len).to(device)
+        for i in range(0, n, batch_seqs):
+            with autocast(device):
+                hidden = model.hidden(x[i:i + batch_seqs])[0]
+            if "tok_emb" in targets:
+                head_in = F.linear(hidden, model.embed_out.effective_weight().to(hidden.dtype)) if model.embed_out is not None else hidden
+                head_in = head_in.float().reshape(-1, head_in.size(-1))
+                hessians["tok_emb"].add_(head_in.T @ head_in)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return hessians
+
+
+@torch.no_grad()
+def self_generated_tokens(model, count, seq_len, seed):
+    """GPTQ_CALIB=selfgen: ceil(count / seq_len) sequences of seq_len tokens the model samples itself (temperature 1)
+    from BOS, one token per forward (no cache), concatenated; no data is read. Deterministic for a seed."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sequences = max(1, -(-count // seq_len))
+    was_training = model.training
+    model.eval()
+    ids = torch.full((sequences, 1), BOS_ID, dtype=torch.long, device=device)
+    try:
+        for _ in range(seq_len):
+            with autocast(device):
+                logits = model.logits(model.hidden(ids)[0][:, -1:]).float()[:, 0]
+            next_ids = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            ids = torch.cat([ids, next_ids], 1)
+    finally:
+        model.train(was_training)
+    return ids[:, :seq_len].reshape(-1).cpu()
+
+
+def gptq_calibration_tokens(model, config, run):
+    """The calibration tokens of GPTQ: the held-out train tail (GPTQ_CALIB=train, inside the training budget) or
+    text the model generates itself (selfgen: no data read at all). Never val."""
+    export_cfg = config.export
+    if export_cfg.gptq_calib == "selfgen":
+        return self_generated_tokens(model, export_cfg.gptq_calib_tokens, config.model.train_seq_len, config.run.seed)
+    return train_tail(config.run.data_path, config.model.vocab_size, export_cfg.gptq_calib_tokens + 1)
+
+
+@torch.no_grad()
+def apply_gptq(model, tokens, export_cfg, batch_seqs, log):
+    """GPTQ every target (gptq_targets) from Hessians of `tokens`, then freeze it on the GPTQ codes: the model is
+    now exactly what the artifact reloads. Returns {name: relative output-error reduction vs round to nearest}."""
+    t0 = time.perf_counter()
+    targets = gptq_targets(model, export_cfg)
+    hessians = collect_hessians(model, targets, tokens, model.cfg.train_seq_len, batch_seqs)
+    report = {}
+    for name, module in targets.items():
+        weight, H = module.weight.detach().float(), hessians[name]
+        if export_cfg.gptq_clip_search and module.scheme.startswith("int"):
+            module.row_scales = search_row_scales(weight, H, SCHEMES[module.scheme].bits)
+        quantize_column, scales = column_quantizer(module, weight)
+        W_hat, codes = gptq_quantize(weight, H, quantize_column, export_cfg.gptq_block, export_cfg.gptq_damp)
+        rtn = SCHEMES[module.scheme].dequantize(*module.quantize(), **module.scheme_params())
+        error = lambda w: float(torch.einsum("ij,jk,ik->", w - weight, H, w - weight))
+        report[name] = 1.0 - error(W_hat) / max(error(rtn), 1e-30)
+        load_stored(module, codes, scales)
+    log(kv("export_gptq", matrices=len(targets), calib_tokens=len(tokens), seconds=time.perf_counter() - t0,
+           mean_error_reduction=sum(report.values()) / max(len(report), 1)))
+    return report
+
+
+@torch.no_grad()
+def apply_lqer(model, rank, classes, log, reference=None):
+    """LQER (low-rank quantization error reconstruction): for every quantized linear of the LQER_CLASSES (or the
+    embedding), the rank-r truncated SVD of its quantization error E = W - W_hat, stored as fp16 factors A (rows, r)
+    = U S and B (cols, r) = V and added back at reload (W_hat + A B^T): the module is frozen on it. `reference`
+    ({module: weight}) gives the weight to reconstruct (default the latent weight). Returns the factor bytes."""
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (TernaryLinear, Stored)) or getattr(module, "tensor_class", None) not in classes \
+                or getattr(module, "row_keep", None) is not None:  # a pruned table's rows are not all stored
+            continue
+        weight = (reference or {}).get(module, module.weight.detach().float() if not module.frozen else None)
+        if weight is None:
+            continue
+        codes, scales = module.quantize()
+        dequantized = SCHEMES[module.scheme].dequantize(codes, scales, **module.scheme_params())
+        U, S, Vh = torch.linalg.svd(weight.float() - dequantized, full_matrices=False)
+        factors = ((U[:, :rank] * S[:rank]).half(), Vh[:rank].T.contiguous().half())
+        load_stored(module, codes, scales, factors)
+        total += 2 * (factors[0].numel() + factors[1].numel())
+    log(kv("export_lqer", rank=rank, classes=",".join(classes), factor_bytes=total))
+    return total
+
+
+def quantize_for_export(model, config, run, log):
+    """On rank 0, which alone exports: GPTQ (GPTQ=1), LQER (LQER_RANK > 0), then every quantized module still
+    unfrozen is frozen on its round-to-nearest codes, so the model is exactly what the artifact reloads (an int-k
+    matrix trained without QAT ran in full precision until here). Inside the training budget (GPTQ_CALIB=train reads
+    the held-out train tail; selfgen reads nothing)."""
+    export_cfg = config.export
+    if not run.is_main:
+        return
+    originals = {m: m.weight.detach().float().clone() for m in quantized_modules(model) if not m.frozen} if export_cfg.lqer_rank else None
+    if export_cfg.gptq:
+        tokens = gptq_calibration_tokens(model, config, run).to(run.device)
+        apply_gptq(model, tokens, export_cfg, config.eval.eval_batch_seqs, log)
+    if export_cfg.lqer_rank:
+        apply_lqer(model, export_cfg.lqer_rank, export_cfg.lqer_classes.split(","), log, originals)
+    for module in quantized_modules(model):
+        if not module.frozen:
+            load_stored(module, *module.quantize())
 
 # -----------------------------------------------------------------------------------------------------------------
 # EVAL
@@ -3116,6 +3647,7 @@ def grad_accum_steps(train_cfg, seq_len, run):
 
 TEMPERATURE_FIT_RESERVE_S = 20.0  # the temperature fit: two passes over TEMP_FIT_TOKENS (65,536: ~1 s on an H100)
 PRUNE_RESERVE_S = 10.0            # row pruning: one hit count over CALIB_TOKENS
+GPTQ_RESERVE_S = 45.0             # GPTQ: Hessians over GPTQ_CALIB_TOKENS (or self-generating them) + the column loops
 
 
 def train_budget(config):
@@ -3126,7 +3658,8 @@ def train_budget(config):
     if reserve < 0:
         reserve = ((export_cfg.calib_max_seconds if export_cfg.export_search else 0.0)
                    + (PRUNE_RESERVE_S if export_cfg.engram_prune_min_hits else 0.0)
-                   + (TEMPERATURE_FIT_RESERVE_S if config.eval.temp_scaling else 0.0))
+                   + (TEMPERATURE_FIT_RESERVE_S if config.eval.temp_scaling else 0.0)
+                   + (GPTQ_RESERVE_S if export_cfg.gptq else 0.0))
     if train_cfg.max_wallclock_seconds <= 0:
         return TrainBudget(0.0, train_cfg.iterations, 0.0)
     _require(reserve < train_cfg.max_wallclock_seconds, f"the {reserve:.0f} s reserved for reading train data after the loop "
@@ -3257,12 +3790,14 @@ def train(model, base_model, optimizers, loader, train_cfg, budget, run, log, em
 
 def post_loop_train_data_work(base_model, config, run, log, budget, loop_seconds):
     """Everything after the loop that reads train data, timed against the reserve it got (TRAIN section header):
-    scalars to fp16, pruning, clip search, calibration (all export_fidelity), and the temperature fit. Returns the
-    artifact's meta ({"temperature": T} with TEMP_SCALING=1)."""
+    scalars to fp16, pruning, clip search, calibration (all export_fidelity), GPTQ and LQER (quantize_for_export),
+    and the temperature fit (of the final, quantized model). Returns the artifact's meta ({"temperature": T} with
+    TEMP_SCALING=1)."""
     t0 = time.perf_counter()
     wallclock = config.train.max_wallclock_seconds
     calib_seconds = config.export.calib_max_seconds if wallclock <= 0 else max(min(config.export.calib_max_seconds, budget.reserve_seconds - 1), 0.1)
     export_fidelity(base_model, config, run, log, calib_seconds)
+    quantize_for_export(base_model, config, run, log)
     meta = {}
     if config.eval.temp_scaling:
         temperature = fit_temperature_on_train_tail(base_model, config, run, log) if run.is_main else None
@@ -3422,7 +3957,7 @@ def main():
     counts = {r: sum(p.numel() for p in base_model.parameters() if p.route == r) for r in PARAM_ROUTES}
     log(kv("model_params", total=sum(counts.values()), **{f"{r}_params": n for r, n in counts.items()}))
     code_bytes = measure_code_bytes(config.export, config.as_dict())
-    check_budget("estimate_before_training", estimate_artifact_bytes(base_model), code_bytes, log)
+    check_budget("estimate_before_training", estimate_artifact_bytes(base_model, config.export), code_bytes, log)
     holdout = heldout_tokens(config.export, config.eval)
     loader = DistributedTokenLoader(shard_paths(config.run.data_path, "train"), config.model.vocab_size, run.rank,
                                     run.world_size, run.device, holdout)

@@ -54,13 +54,13 @@ def test_turbo_rotation_reconstructs_through_the_same_functions():
 
 
 @pytest.mark.parametrize("scheme", ["fp16", "fp8", "fp4"])
-def test_fp_storage_roundtrip_is_exact_on_its_own_grid(scheme):
+def test_quant_embed_roundtrip_is_exact_on_its_own_grid(scheme):
     """fp_dequantize(fp_quantize(w)) lies on the storage grid: quantizing it again gives the same values."""
     w = torch.randn(16, 40)
     w_hat = train_gpt.fp_dequantize(*train_gpt.fp_quantize(w, scheme), scheme)
     err = (w_hat - w).abs().max()
     assert err < {"fp16": 1e-3, "fp8": 0.2, "fp4": 0.6}[scheme] * w.abs().max()
-    module = train_gpt.FPStored(w.clone(), scheme, "dense")
+    module = train_gpt.Stored(w.clone(), scheme, "dense")
     assert torch.equal(module.effective_weight(), w_hat)
 
 
@@ -199,3 +199,13 @@ def test_a_mixer_class_declares_what_the_rest_of_the_code_asks_of_it():
     block = train_gpt.Block(cfg, 0, "skc")
     assert block.parallel and block.resid_mix.ttt_group == train_gpt.SKCMixer.ttt_group
     assert not train_gpt.Block(cfg, 0, "attn").parallel
+
+
+def test_every_preset_expands_within_its_declared_kinds():
+    """ARCHITECTURE_KINDS (what build_submission keeps of MIXERS) covers every kind each preset's expansion uses."""
+    from conftest import tiny_config
+    for preset, kinds in train_gpt.ARCHITECTURE_KINDS.items():
+        extra = dict(SKC_LAYERS="1,2") if preset == "competition" else {}
+        used = set(train_gpt.layer_plan(tiny_config(ARCHITECTURE=preset, **extra).model))
+        assert used <= set(kinds.split(",")) and set(kinds.split(",")) <= set(train_gpt.MIXERS), preset
+    assert set(train_gpt.ARCHITECTURE_KINDS) == set(train_gpt.ARCHITECTURES)

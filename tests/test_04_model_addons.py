@@ -320,7 +320,7 @@ def test_bad_addon_config_names_the_variable(env, variable):
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_export_reload_is_exact(tmp_path, name):
     """serialize -> compress -> write -> load gives the same token NLL for every add-on."""
-    model = perturbed_model(**OPTIONS[name], FP_STORAGE="fp8").eval()
+    model = perturbed_model(**OPTIONS[name], QUANT_EMBED="fp8").eval()
     path = tmp_path / "model.skc"
     train_gpt.write_artifact(path, train_gpt.compress_payload(train_gpt.serialize_model(model)))
     reloaded = train_gpt.load_model_from_artifact(path, "cpu").eval()

@@ -18,8 +18,8 @@ def test_ternary_pack_roundtrip_is_exact(count):
     codes = np.random.default_rng(count).integers(-1, 2, size=count).astype(np.int8)
     assert np.array_equal(train_gpt.unpack_base3(train_gpt.pack_base3(codes), count), codes)
     assert np.array_equal(train_gpt.unpack_bitmask(train_gpt.pack_bitmask(codes), count), codes)
-    encoding, data = train_gpt.pack_ternary(codes)
-    assert np.array_equal(train_gpt.unpack_ternary(encoding, data, count), codes)
+    encoding, data = train_gpt.SCHEMES["ternary"].pack(codes)
+    assert np.array_equal(train_gpt.SCHEMES["ternary"].unpack(encoding, data, count), codes)
     assert len(train_gpt.pack_base3(codes)) == -(-count // 5)
 
 
@@ -27,7 +27,7 @@ def test_sparse_codes_choose_the_bitmask():
     """Mostly-zero codes pack smaller as a bitmask, and the smaller one is kept."""
     codes = np.zeros(1000, dtype=np.int8)
     codes[::50] = 1
-    assert train_gpt.pack_ternary(codes)[0] == "bitmask"
+    assert train_gpt.SCHEMES["ternary"].pack(codes)[0] == "bitmask"
 
 
 def _trained_tiny_model(**overrides):
@@ -43,7 +43,7 @@ import hashlib, sys, torch
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import train_gpt
 from conftest import tiny_model
-model = tiny_model(FP_STORAGE="fp8", BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64)
+model = tiny_model(QUANT_EMBED="fp8", BIGRAM_HASH_ENABLED=1, BIGRAM_HASH_BUCKETS=64)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
@@ -76,7 +76,7 @@ def test_scalars_are_stored_fp16_once_rounded_and_losslessly_before():
     assert "fp32" not in after and after["fp16_scalars"] == (before["fp32"] + before.get("fp16_scalars", 0) * 2) // 2
     header, tensors = train_gpt.parse_payload(train_gpt.serialize_model(model), "memory")
     reloaded = dict(model.state_dict())
-    for name, (scheme, arrays) in tensors.items():
+    for name, (scheme, arrays, _) in tensors.items():
         if scheme == "scalar":
             assert arrays[0].dtype == np.float16 and torch.equal(torch.from_numpy(arrays[0]).float(), reloaded[name])
 
@@ -96,27 +96,27 @@ torch.save(out, {result!r})
 """
 
 
-def test_fresh_process_reload_is_exact_for_every_fp_storage(tmp_path):
+def test_fresh_process_reload_is_exact_for_every_quant_embed(tmp_path):
     """One fresh process rebuilds each model (fp16, fp8, fp4 storage) from its artifact alone: ternary codes
     bit-identical, NLL identical."""
     torch.manual_seed(3)
     batch = (torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
     torch.save(batch, tmp_path / "batch.pt")
     models = {}
-    for fp_storage in ("fp16", "fp8", "fp4"):
-        models[fp_storage] = _trained_tiny_model(FP_STORAGE=fp_storage).eval()
-        train_gpt.write_artifact(tmp_path / f"{fp_storage}.skc", train_gpt.compress_payload(train_gpt.serialize_model(models[fp_storage])))
+    for quant_embed in ("fp16", "fp8", "fp4"):
+        models[quant_embed] = _trained_tiny_model(QUANT_EMBED=quant_embed).eval()
+        train_gpt.write_artifact(tmp_path / f"{quant_embed}.skc", train_gpt.compress_payload(train_gpt.serialize_model(models[quant_embed])))
     script = WARM_UP_SCRIPT + RELOAD_SCRIPT.format(repo=str(REPO), directory=str(tmp_path), names=list(models),
                                                    batch=str(tmp_path / "batch.pt"), result=str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", script], check=True)
     reloaded = torch.load(tmp_path / "out.pt")
-    for fp_storage, model in models.items():
-        nll, codes = reloaded[fp_storage]
+    for quant_embed, model in models.items():
+        nll, codes = reloaded[quant_embed]
         with torch.no_grad():
-            assert torch.equal(nll, model.token_nll(*batch)), fp_storage
+            assert torch.equal(nll, model.token_nll(*batch)), quant_embed
         for name, module in model.named_modules():
             if isinstance(module, train_gpt.TernaryLinear):
-                assert codes[name] == module.quantize()[0].tolist(), (fp_storage, name)
+                assert codes[name] == module.quantize()[0].tolist(), (quant_embed, name)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "codec", "flip", "empty"])

@@ -49,10 +49,10 @@ def _assert_reload_exact(model, reloaded):
             assert torch.equal(a.quantize()[0], b.quantize()[0]), name
 
 
-@pytest.mark.parametrize("fp_storage", ["fp8", "fp4"])
-def test_fp_fake_quant_equals_reload_even_with_zero_rows(tmp_path, fp_storage):
+@pytest.mark.parametrize("quant_embed", ["fp8", "fp4"])
+def test_fp_fake_quant_equals_reload_even_with_zero_rows(tmp_path, quant_embed):
     """fp8/fp4 storage: the training forward's rounding is what reloads, also for all-zero rows (no NaN scales)."""
-    model = _perturbed(tiny_model(FP_STORAGE=fp_storage))
+    model = _perturbed(tiny_model(QUANT_EMBED=quant_embed))
     with torch.no_grad():
         model.tok_emb.weight[5:9] = 0
     reloaded, _ = _roundtrip(model, tmp_path / "m.skc")
@@ -194,7 +194,7 @@ def test_bad_export_config_is_refused(env, match):
         tiny_config(**env)
 
 
-class HitTable(train_gpt.FPStored):
+class HitTable(train_gpt.Stored):
     """A tiny hit-counted table: row = token id mod rows."""
 
     def count_row_hits(self, input_ids):
@@ -204,15 +204,15 @@ class HitTable(train_gpt.FPStored):
 class GPTWithTable(train_gpt.GPT):
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.table = HitTable(torch.randn(16, 8), cfg.fp_storage, "embed")
+        self.table = HitTable(torch.randn(16, 8), cfg.quant_embed, "embed")
 
 
-@pytest.mark.parametrize("fp_storage", ["fp16", "fp8"])
-def test_row_pruning_stores_kept_rows_and_reload_restores_zeros(tmp_path, monkeypatch, fp_storage):
+@pytest.mark.parametrize("quant_embed", ["fp16", "fp8"])
+def test_row_pruning_stores_kept_rows_and_reload_restores_zeros(tmp_path, monkeypatch, quant_embed):
     """Rows with fewer hits than the minimum are zeroed and dropped from the artifact; reload gives zeros there."""
     monkeypatch.setattr(train_gpt, "GPT", GPTWithTable)
     torch.manual_seed(0)
-    model = GPTWithTable(tiny_config(FP_STORAGE=fp_storage).model)
+    model = GPTWithTable(tiny_config(QUANT_EMBED=quant_embed).model)
     tokens = torch.tensor([0, 1, 1, 2, 2, 2, 18, 18, 18])  # rows 0:1, 1:2, 2:6 (2 and 18)
     dropped = train_gpt.prune_rows(model, tokens, min_hits=2)
     assert dropped == {"table": 14}

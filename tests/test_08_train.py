@@ -127,7 +127,7 @@ def test_size_estimate_before_training_is_within_3_percent_of_the_artifact(tiny_
     """For a ternary-dominated model (the competition regime: fp8 embedding, ternary blocks) the pre-training
     estimate is within 3% of the real artifact after training. (Where fp16 embeddings dominate, as in the smoke
     preset, their compressibility moves with training and the estimate is only good to about 10%.)"""
-    env = trainer_env(tiny_data, own_tokenizer, tmp_path, MODEL_DIM="128", NUM_HEADS="4", MLP_MULT="4", FP_STORAGE="fp8",
+    env = trainer_env(tiny_data, own_tokenizer, tmp_path, MODEL_DIM="128", NUM_HEADS="4", MLP_MULT="4", QUANT_EMBED="fp8",
                       ITERATIONS="30", TRAIN_LOG_EVERY="10", GRAD_ACCUM_STEPS="1", CODE_BYTES="1")
     out = _check(run_trainer(env))
     estimate, actual = (int(v) for v in log_values(out, "budget", "bytes_model"))
@@ -158,3 +158,19 @@ def test_train_data_is_read_inside_the_budget_and_eval_only_needs_none(tiny_data
     assert log_values(evaluated, "eval ", "stage") == ["roundtrip", "sliding", "capsule_carry", "ttt", "ngram", "evalengram"]
     assert not any(line.startswith("temperature_fit") for line in evaluated.splitlines())  # read from the artifact, not fitted
     assert log_values(evaluated, "final", "stage") == ["evalengram"]
+
+
+def test_mixed_ternary_int_model_trains_exports_with_gptq_and_lqer_and_was_estimated_within_3_percent(tiny_data, own_tokenizer, tmp_path):
+    """QUANT_MLP=ternary QUANT_ATTN=int6 QUANT_EMBED=int7 with SDClip, late QAT, GPTQ on self-generated text and LQER
+    trains, exports, reloads and scores; its pre-training size estimate is within 3% of the artifact."""
+    env = trainer_env(tiny_data, own_tokenizer, tmp_path, QUANT_ATTN="int6", QUANT_MLP="ternary", QUANT_EMBED="int7",
+                      GPTQ_SDCLIP_K="attn:12.85,embed:20", QAT_START_FRACTION="0.5", GPTQ="1", GPTQ_CALIB="selfgen",
+                      GPTQ_CALIB_TOKENS="512", LQER_RANK="2", MODEL_DIM="128", NUM_HEADS="4", MLP_MULT="4", ITERATIONS="30",
+                      TRAIN_LOG_EVERY="10", GRAD_ACCUM_STEPS="1", CODE_BYTES="1")
+    out = _check(run_trainer(env))
+    assert log_values(out, "export_gptq", "matrices") and log_values(out, "export_lqer", "rank") == ["2"]
+    estimate, actual = (int(v) for v in log_values(out, "budget", "bytes_model"))
+    assert abs(estimate - actual) / actual < 0.03, (estimate, actual)
+    report = next(line for line in out.splitlines() if line.startswith("export_report"))
+    assert "int_codes" in report and "ternary_codes" in report and "lqer" in report
+    assert float(log_values(out, "final", "val_bpb")[0]) > 0

@@ -104,7 +104,7 @@ def test_two_nodes_without_a_shared_disk(tmp_path, own_tokenizer):
                    ITERATIONS="2", VAL_MAX_TOKENS="2048", DATA_PATH=str(node_dir / "data"), OUT_DIR=str(node_dir / "out"),
                    LOG_DIR=str(node_dir / "logs"), CODE_BYTES="1", GRAD_ACCUM_STEPS="2", ARCHITECTURE="hybrid", MOE_ENABLED="1", MOE_START_FRACTION="0",
                    BIGRAM_HASH_ENABLED="1", BIGRAM_HASH_BUCKETS="256", CAPSULE_ENABLED="1", CAPSULE_CARRY_EVAL="1",
-                   FEEDBACK_ENABLED="1", FEEDBACK_PASSES="2", TURBO_QUANT_TRAIN="1", FP_STORAGE="fp4", STOCHASTIC_DEPTH="0.2",
+                   FEEDBACK_ENABLED="1", FEEDBACK_PASSES="2", TURBO_QUANT_TRAIN="1", QUANT_EMBED="fp4", STOCHASTIC_DEPTH="0.2",
                    TERNARY_NOISE_SCALE="0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
                    "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train_gpt.py")]

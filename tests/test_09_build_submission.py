@@ -391,3 +391,14 @@ def test_build_tool_and_trainer_do_not_import_each_other():
     trainer_tree = ast.parse((REPO / "train_gpt.py").read_text())
     from_build = [node for node in ast.walk(trainer_tree) if isinstance(node, ast.ImportFrom) and node.module == "build_submission"]
     assert [alias.name for node in from_build for alias in node.names] == ["build_code"]
+
+
+def test_registry_entries_the_config_cannot_reach_are_dropped(trainer_source, competition_config):
+    """The competition config (attention layers, ternary blocks, fp8 embedding) keeps only the attn mixer and the
+    ternary and fp8 schemes: the SKC / Koopman mixers, their scan and the int-k code go."""
+    code = build(trainer_source, competition_config).code
+    assert "class SKCMixer" not in code and "def chunked_scan" not in code and "class KoopmanSSM" not in code
+    assert "class IntScheme" not in code and "'ternary':TernaryScheme()" in code.replace(" ", "")
+    mixed = build(trainer_source, dict(competition_config, QUANT_ATTN="int6", LAYER_KINDS="attn,skc,attn,attn,attn,attn,attn,attn,attn,attn",
+                                       ARCHITECTURE="")).code
+    assert "class IntScheme" in mixed and "class SKCMixer" in mixed and "class KoopmanSSM" not in mixed

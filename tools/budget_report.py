@@ -33,7 +33,7 @@ def main():
     header = len(payload) - sum(train_gpt.export_report(model).values())
     print(f"| header + magic | {header:,} |\n| payload total | {len(payload):,} |\n| code (built submission) | {code:,} |")
     print(f"| **payload + code** | **{len(payload) + code:,}** of {train_gpt.BUDGET_BYTES:,} |")
-    predicted = train_gpt.estimate_artifact_bytes(model)
+    predicted = train_gpt.estimate_artifact_bytes(model, config.export)
     print(f"| predicted artifact (estimate_artifact_bytes) + code | {predicted + code:,} |")
     if args.compress:
         print(f"| lzma-6 of the initial weights + code | {1 + len(lzma.compress(payload, preset=6)) + code:,} |")
