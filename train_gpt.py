@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------------------------------------------
 # CONFIG
@@ -131,7 +132,15 @@ class ModelConfig:
     shared_blocks: int = setting(0, "distinct blocks; layer i runs block i % SHARED_BLOCKS with its own scales (0 = no sharing)")
     recurrence_layers: str = setting("", "comma list of layer indices run again RECURRENCE_DEPTH extra times (depth recurrence)")
     recurrence_depth: int = setting(1, "extra passes of each RECURRENCE_LAYERS layer")
-    recurrence_start_fraction: float = setting(0.0, "depth recurrence switches on at this training fraction (always on at eval)")
+    recurrence_start_fraction: float = setting(0.0, "depth recurrence (RECURRENCE_LAYERS and RECURRENCE_SPAN) switches on at this training fraction (always on at eval)")
+    recurrence_span: str = setting("", "span-loop recurrence: 'first,last' layers looped as a block after their first pass (records' style; empty = off)")
+    recurrence_span_loops: int = setting(1, "extra passes of the RECURRENCE_SPAN block")
+    doc_isolation: int = setting(0, "1 = attention never crosses a BOS (a block-diagonal causal mask; training, eval and TTT)")
+    attn_gate: str = setting("off", "attention output gate: off | full (per-head sigmoid gate from the block input) | sparse (from its first ATTN_GATE_DIMS dims)")
+    attn_gate_dims: int = setting(12, "input dims of the sparse attention output gate")
+    smear_gate: int = setting(0, "1 = SmearGate: each embedding adds a gated share of the previous token's (not across a BOS)")
+    unet_skip_gate: int = setting(0, "1 = each U-Net skip is scaled by 2 sigmoid(gate), a learned per-dim gate starting at 1")
+    fused_ce: int = setting(0, "1 = memory-lean soft-capped cross-entropy in training: row chunks of the logits, recomputed in backward")
     stochastic_depth: float = setting(0.0, "largest per-sample drop probability of a block's residual branches (last layer; linear in depth; training only)")
     ternary_noise_scale: float = setting(0.0, "training-only Gaussian noise on latent ternary weights before quantization, times the group absmean; 0 = off")
     turbo_quant_train: int = setting(0, "1 = Hadamard-rotate each ternary weight group before ternarization (TurboQuant), in training and in the artifact; BITNET_GROUP_SIZE a power of 2")
@@ -183,6 +192,11 @@ class ModelConfig:
     def recurrence_layer_indices(self):
         return _int_list("RECURRENCE_LAYERS", self.recurrence_layers)
 
+    @property
+    def recurrence_span_indices(self):
+        span = _int_list("RECURRENCE_SPAN", self.recurrence_span)
+        return span if span else None
+
     @classmethod
     def from_artifact(cls, stored):
         """The config an artifact's header holds (unknown keys ignored; renamed and list-valued keys of older
@@ -220,6 +234,11 @@ class ModelConfig:
         _require(all(0 <= i < self.num_layers for i in self.recurrence_layer_indices), f"RECURRENCE_LAYERS={self.recurrence_layers} must index layers 0..{self.num_layers - 1}")
         _require(0 <= self.recurrence_start_fraction <= 1, f"RECURRENCE_START_FRACTION={self.recurrence_start_fraction} must be in [0, 1]")
         _require(0 <= self.stochastic_depth < 1, f"STOCHASTIC_DEPTH={self.stochastic_depth} must be in [0, 1)")
+        span = self.recurrence_span_indices
+        _require(span is None or (len(span) == 2 and 0 <= span[0] <= span[1] < self.num_layers),
+                 f"RECURRENCE_SPAN={self.recurrence_span!r}: 'first,last' layer indices with first <= last < NUM_LAYERS={self.num_layers}")
+        _require(self.recurrence_span_loops >= 1, f"RECURRENCE_SPAN_LOOPS={self.recurrence_span_loops} must be >= 1")
+        _require(self.attn_gate in ("off", "full", "sparse") and self.attn_gate_dims >= 1, f"ATTN_GATE={self.attn_gate!r}: off | full | sparse (ATTN_GATE_DIMS >= 1)")
         _require(self.ternary_noise_scale >= 0, f"TERNARY_NOISE_SCALE={self.ternary_noise_scale} must be >= 0")
         group = self.bitnet_group_size
         _require(not self.turbo_quant_train or group & (group - 1) == 0, f"TURBO_QUANT_TRAIN=1 needs BITNET_GROUP_SIZE a power of 2 (got {group})")
@@ -255,6 +274,7 @@ class TrainConfig:
     muon_momentum_warmup_start: float = setting(0.85, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = setting(300, "steps of linear momentum warm-up")
     muon_backend_steps: int = setting(5, "Newton-Schulz iterations")
+    muon_ns_coefficients: str = setting("quintic", "Newton-Schulz coefficients: quintic (one fixed polynomial) | polar_express (per-step minimax, arXiv:2505.16932)")
     muon_eq_r: int = setting(1, "1 = equilibrate rows of the update before Newton-Schulz (MuonEq-R)")
     muon_wd: float = setting(0.0, "decoupled weight decay of Muon matrices")
     adam_wd: float = setting(0.0, "decoupled weight decay of the embedding (scalars never decay)")
@@ -264,7 +284,9 @@ class TrainConfig:
     grad_clip_norm: float = setting(1.0, "global grad-norm clip (0 = off)")
     loss_runaway_ratio: float = setting(2.0, "stop (no artifact) when the train loss exceeds this times ln(VOCAB_SIZE), the loss of a uniform guess (0 = off)")
     warmup_fraction: float = setting(0.02, "LR warm-up, as a fraction of the training budget")
-    warmdown_fraction: float = setting(0.4, "LR linear warm-down to zero over the last fraction of the budget")
+    warmdown_fraction: float = setting(0.4, "LR linear warm-down over the last fraction of the budget, to MIN_LR_FRACTION")
+    min_lr_fraction: float = setting(0.0, "the warm-down's floor, as a fraction of each group's learning rate (0 = down to zero)")
+    wd_taper_start_fraction: float = setting(1.0, "late weight-decay taper: weight decay falls linearly to 0 from this training fraction (1 = off)")
     ema_enabled: int = setting(1, "keep an EMA of the weights and export it")
     ema_horizon_fraction: float = setting(0.05, "EMA time constant as a fraction of the run: per-step decay exp(-(training fraction advanced) / this)")
     ema_start_fraction: float = setting(0.5, "the EMA shadow starts from the live weights at this budget fraction")
@@ -276,6 +298,9 @@ class TrainConfig:
         _require(self.max_wallclock_seconds > 0 or self.iterations > 0, "set MAX_WALLCLOCK_SECONDS or ITERATIONS > 0")
         _require(0 <= self.warmup_fraction + self.warmdown_fraction <= 1, "WARMUP_FRACTION + WARMDOWN_FRACTION must be in [0, 1]")
         _require(self.ema_horizon_fraction > 0, f"EMA_HORIZON_FRACTION={self.ema_horizon_fraction} must be > 0")
+        _require(self.muon_ns_coefficients in ("quintic", "polar_express"), f"MUON_NS_COEFFICIENTS={self.muon_ns_coefficients!r}: quintic | polar_express")
+        _require(0 <= self.min_lr_fraction < 1 and 0 <= self.wd_taper_start_fraction <= 1,
+                 "MIN_LR_FRACTION must be in [0, 1) and WD_TAPER_START_FRACTION in [0, 1]")
         _require(self.loss_runaway_ratio == 0 or self.loss_runaway_ratio > 1, f"LOSS_RUNAWAY_RATIO={self.loss_runaway_ratio} "
                  "must be 0 (off) or > 1 (a trained model beats a uniform guess)")
         _require(self.train_data_reserve_seconds == -1 or self.train_data_reserve_seconds >= 0,
@@ -344,7 +369,15 @@ class EvalConfig:
     ttt_chunk_tokens: int = setting(32768, "scored targets per chunk of the chunked stages (TTT, caches, budget projection)")
     ttt_momentum: float = setting(0.9, "TTT SGD momentum (the buffer persists across chunks)")
     ttt_batch_seqs: int = setting(32, "sequences per TTT step")
-    ttt_grad_clip: float = setting(1.0, "TTT grad-norm clip (0 = off)")
+    ttt_grad_clip: float = setting(1.0, "TTT grad-norm clip (0 = off; segments | global)")
+    ttt_mode: str = setting("segments", "TTT and stream stages: segments (each rank adapts alone on its 1/world of val) | global (every chunk scored by all ranks, one model adapted with gradients summed over ranks: independent of world size) | lora (per-document LoRA adapters, reset at each BOS)")
+    ttt_phases: int = setting(0, "segments | global: P > 0 = split val in P + 1 phases; after each, adapt on every target scored so far (0 = chunks of TTT_CHUNK_TOKENS, adapt on the last chunk)")
+    ttt_lr_schedule: str = setting("constant", "segments | global: TTT learning rate over the chunks: constant | cosine (from TTT_LR down to 0 at the last chunk)")
+    ttt_lora_rank: int = setting(8, "TTT_MODE=lora: adapter rank of q, v, proj of each attention layer (and the head)")
+    ttt_lora_lr: float = setting(0.003, "TTT_MODE=lora: Adam learning rate of the adapters")
+    ttt_lora_chunk: int = setting(256, "TTT_MODE=lora: targets a document scores before each adapter update (capped at the eval context)")
+    ttt_lora_batch_docs: int = setting(16, "TTT_MODE=lora: documents scored and adapted in parallel")
+    ttt_lora_head: int = setting(1, "TTT_MODE=lora: 1 = an adapter on the output head as well")
     freeze_packed_engram: int = setting(1, "0 = TTT may adapt ttt_group=engram params; 1 = frozen; 2 = frozen and raise if they drift")
     ngram_cache_enabled: int = setting(0, "1 = add the stage mixing a backoff n-gram model of already-scored val tokens into the probs")
     ngram_max_order: int = setting(5, "n-gram cache: highest order (context length + 1); backs off to lower orders down to unigram")
@@ -370,6 +403,16 @@ class EvalConfig:
         scopes = ("scales", "skc_safe", "capsule_bank", "all")
         _require(self.ttt_scope in scopes, f"TTT_SCOPE={self.ttt_scope!r}: choose one of {scopes}")
         _require(self.ttt_chunk_tokens >= 1 and self.ttt_epochs >= 0 and self.ttt_batch_seqs >= 1, "TTT_CHUNK_TOKENS and TTT_BATCH_SEQS must be >= 1, TTT_EPOCHS >= 0")
+        modes = ("segments", "global", "lora")
+        _require(self.ttt_mode in modes, f"TTT_MODE={self.ttt_mode!r}: choose one of {modes}")
+        _require(self.ttt_lr_schedule in ("constant", "cosine"), f"TTT_LR_SCHEDULE={self.ttt_lr_schedule!r}: constant | cosine")
+        _require(self.ttt_phases >= 0, f"TTT_PHASES={self.ttt_phases} must be >= 0")
+        if self.ttt_mode == "lora":
+            _require(not (self.ngram_cache_enabled or self.eval_engram_enabled), "TTT_MODE=lora scores each document on its "
+                     "own, so the stream caches (NGRAM_CACHE_ENABLED, EVAL_ENGRAM_ENABLED) cannot share its pass; use TTT_MODE=segments or global with them")
+            _require(self.ttt_phases == 0, "TTT_PHASES applies to TTT_MODE=segments | global; set TTT_PHASES=0 with TTT_MODE=lora")
+            _require(self.ttt_lora_rank >= 1 and self.ttt_lora_chunk >= 1 and self.ttt_lora_batch_docs >= 1 and self.ttt_lora_lr > 0,
+                     "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_LORA_BATCH_DOCS must be >= 1 and TTT_LORA_LR > 0")
         _require(self.eval_batch_seqs >= 1 and self.sliding_batch_size >= 1, "EVAL_BATCH_SEQS and SLIDING_BATCH_SIZE must be >= 1")
         _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
         _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
@@ -1371,6 +1414,16 @@ class Context:
     carry: object = None   # capsule-bank state of earlier, already-scored windows in; the bank writes the new one
     sketch: object = None  # feedback sketch of the encoder output, read by the decoder layers
     first_value: torch.Tensor = None  # VRL: the first attention layer's values (B, T, KV, hd)
+    lora: dict = None  # TTT_MODE=lora: {(module id, "q" | "v" | "proj"): (A (B, in, r), B (B, r, out))} per sequence
+
+
+def lora_delta(ctx, module, name, x):
+    """The per-sequence low-rank update (x A) B of one projection under LoRA TTT (0 without an adapter)."""
+    adapter = ctx.lora.get((id(module), name)) if ctx.lora is not None else None
+    if adapter is None:
+        return 0
+    a, b = adapter
+    return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
 
 
 def rms_norm(x):
@@ -1428,9 +1481,23 @@ def attention_kernel(q):
     return "flash_attn" if attention_dtype(q) in (torch.bfloat16, torch.float16) else "sdpa"
 
 
-def causal_attention(q, k, v):
+def document_mask(input_ids):
+    """DOC_ISOLATION: (B, 1, T, T) boolean, True where query t may attend key s: s <= t and no BOS in (s, t], i.e.
+    both in the same document (a document starts at its BOS; tokens before a window's first BOS are one document)."""
+    documents = (input_ids == BOS_ID).long().cumsum(1)
+    T = input_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def causal_attention(q, k, v, mask=None):
     """q (B, T, H, hd), k/v (B, T, KV, hd) -> (B, T, H, hd). flash-attn (q/k/v cast to the autocast dtype) where
-    attention_kernel says so, else SDPA."""
+    attention_kernel says so, else SDPA; with a document `mask` (document_mask) SDPA with that mask (flash-attn's
+    dense kernel cannot take one)."""
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
     if attention_kernel(q) == "flash_attn":
         dtype = attention_dtype(q)
         out = FLASH_ATTENTION(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
@@ -1469,21 +1536,28 @@ class CausalSelfAttention(nn.Module):
         self.vrl = bool(cfg.vrl_enabled)
         mixes_first_value = self.vrl and layer_index >= cfg.vrl_start_layer
         self.vrl_lambda = tag(nn.Parameter(torch.full((), 0.5)), "scalar") if mixes_first_value else None
+        self.doc_isolation = bool(cfg.doc_isolation)
+        gate_inputs = {"off": 0, "full": d, "sparse": min(cfg.attn_gate_dims, d)}[cfg.attn_gate]
+        self.output_gate = tag(nn.Parameter(torch.zeros(cfg.num_heads, gate_inputs)), "scalar") if gate_inputs else None
 
     def forward(self, x, ctx):
         B, T, _ = x.shape
-        q = rms_norm(self.q(x).view(B, T, self.num_heads, self.head_dim))
+        q = rms_norm((self.q(x) + lora_delta(ctx, self, "q", x)).view(B, T, self.num_heads, self.head_dim))
         k = rms_norm(self.k(x).view(B, T, self.num_kv_heads, self.head_dim))
-        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = (self.v(x) + lora_delta(ctx, self, "v", x)).view(B, T, self.num_kv_heads, self.head_dim)
         if self.vrl:
             v = self.value_residual(v, ctx)
         cos, sin, temperature = ctx.rope
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         q = q * (self.q_gain * temperature).to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, document_mask(ctx.input_ids) if self.doc_isolation else None)
         if self.xsa:
             y = exclude_self_value(y, v)
-        return self.proj(y.reshape(B, T, -1))
+        if self.output_gate is not None:  # ATTN_GATE: per-head sigmoid gate of the head's output, from x (or its first dims)
+            gate = torch.sigmoid(F.linear(x[..., :self.output_gate.size(1)], self.output_gate.to(x.dtype)))
+            y = y * gate[..., None].to(y.dtype)
+        y = y.reshape(B, T, -1)
+        return self.proj(y) + lora_delta(ctx, self, "proj", y)
 
     def value_residual(self, v, ctx):
         """VRL (Zhou et al. 2024, value residual learning): v = lambda v + (1 - lambda) v_first. The first attention
@@ -1935,6 +2009,25 @@ class CapsuleBank(nn.Module):
         return self.out((weights.unsqueeze(-1) * read).sum(-2).to(x.dtype))
 
 
+SMEAR_GATE_DIMS = 12  # embedding dims the SmearGate reads (modded-nanogpt's choice)
+
+
+class SmearGate(nn.Module):
+    """SmearGate (modded-nanogpt): each position's embedding adds a gated share of the previous position's,
+    x_t + lambda * sigmoid(w . x_t[:12]) * x_{t-1}, with the gate 0 at a BOS (no mixing across documents) and at a
+    window's first position. lambda and w start at 0: the model starts without it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = tag(nn.Parameter(torch.zeros(min(SMEAR_GATE_DIMS, cfg.embed_width))), "scalar")
+        self.mix = tag(nn.Parameter(torch.zeros(())), "scalar")
+
+    def forward(self, x, input_ids):
+        gate = torch.sigmoid(x[..., :self.weight.numel()] @ self.weight.to(x.dtype)) * (input_ids != BOS_ID).to(x.dtype)
+        previous = F.pad(x, (0, 0, 1, 0))[:, :-1]
+        return x + self.mix.to(x.dtype) * gate[..., None] * previous
+
+
 FEEDBACK_SKETCH_DIM = 64  # width of the feedback sketch (capped at MODEL_DIM)
 
 
@@ -2011,6 +2104,24 @@ def softcap(logits, cap, kind):
     return logits * torch.rsqrt(1.0 + (logits / cap).square())
 
 
+FUSED_CE_ROWS = 8192  # rows of one chunk of the fused cross-entropy: 8192 x 8192 fp32 logits = 256 MiB at most
+
+
+def chunk_cross_entropy(hidden, head, targets, cap, kind):
+    return F.cross_entropy(softcap(F.linear(hidden, head).float(), cap, kind), targets, reduction="sum")
+
+
+def chunked_softcap_cross_entropy(hidden, head, targets, cap, kind, rows=FUSED_CE_ROWS):
+    """Mean soft-capped cross-entropy of hidden (..., D) against the tied head (V, D), FUSED_CE_ROWS rows at a time;
+    each chunk's logits are recomputed in backward (activation checkpointing), not kept."""
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), rows):
+        total = total + torch.utils.checkpoint.checkpoint(chunk_cross_entropy, hidden[i:i + rows], head, targets[i:i + rows],
+                                                          cap, kind, use_reentrant=False)
+    return total / len(targets)
+
+
 def configure_ternary(module, cfg):
     """Set TERNARY_NOISE_SCALE and TurboQuant rotation on every TernaryLinear inside `module` (the GPT, or one Block
     built on its own, e.g. by tools/layer_bench.py). Returns the module."""
@@ -2042,6 +2153,9 @@ class GPT(nn.Module):
         self.num_encoder = cfg.num_layers // 2
         num_skips = min(self.num_encoder, cfg.num_layers - self.num_encoder)
         self.skip_weights = tag(nn.Parameter(torch.ones(num_skips, d)), "scalar")
+        self.skip_gates = tag(nn.Parameter(torch.zeros(num_skips, d)), "scalar") if cfg.unet_skip_gate else None
+        self.span = cfg.recurrence_span_indices  # (first, last) layers looped as a block, or None
+        self.smear = SmearGate(cfg) if cfg.smear_gate else None
         self.register_buffer("progress", torch.zeros(()), persistent=False)
         cos, sin, self.rope_temperature = self._rope_tables(cfg.train_seq_len, "cpu")
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -2079,9 +2193,9 @@ class GPT(nn.Module):
         if self.capsules is not None:
             self.capsules.post_step()
 
-    def hidden(self, input_ids, carry=None):
-        """(B, T) token ids -> (B, T, D) final hidden states and the list of aux losses."""
-        hidden, ctx = self.run_layers(input_ids, carry)
+    def hidden(self, input_ids, carry=None, lora=None):
+        """(B, T) token ids -> (B, T, D) final hidden states and the list of aux losses (`lora`: Context.lora)."""
+        hidden, ctx = self.run_layers(input_ids, carry, lora)
         return hidden, ctx.aux_losses
 
     def hidden_with_carry(self, input_ids, carry):
@@ -2103,9 +2217,11 @@ class GPT(nn.Module):
             x = x + self.feedback.read(ctx.sketch, layer_index - self.num_encoder).to(x.dtype)
         return x
 
-    def run_layers(self, input_ids, carry):
-        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress, carry)
+    def run_layers(self, input_ids, carry, lora=None):
+        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress, carry, lora=lora)
         x = F.embedding(input_ids, self.tok_emb.effective_weight())
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
         if self.embed_in is not None:
             x = F.linear(x, self.embed_in.effective_weight().to(x.dtype))
         x = x0 = rms_norm(x)
@@ -2113,11 +2229,30 @@ class GPT(nn.Module):
         for i in range(self.cfg.num_layers):
             x = self.addons(x, i, ctx)
             if i >= self.num_encoder and skips and i - self.num_encoder < len(self.skip_weights):
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                x = x + self.skip(i - self.num_encoder, skips.pop(), x.dtype)
             x = self.run_layer(i, x, x0, ctx)
+            if self.span is not None and i == self.span[1] and self.recurrence_active:
+                x = self.run_span(x, x0, ctx)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x), ctx
+
+    def skip(self, j, saved, dtype):
+        """The j-th U-Net skip added to a decoder layer: weight * saved, times 2 sigmoid(gate) with UNET_SKIP_GATE (the
+        gate starts at 1 and can close the skip)."""
+        weighted = self.skip_weights[j].to(dtype) * saved
+        if self.skip_gates is None:
+            return weighted
+        return 2 * torch.sigmoid(self.skip_gates[j]).to(dtype) * weighted
+
+    def run_span(self, x, x0, ctx):
+        """RECURRENCE_SPAN: layers first..last run again as a block RECURRENCE_SPAN_LOOPS more times (no add-ons, no
+        skips pushed or popped), after their first pass; on from RECURRENCE_START_FRACTION like RECURRENCE_LAYERS."""
+        first, last = self.span
+        for _ in range(self.cfg.recurrence_span_loops):
+            for i in range(first, last + 1):
+                x = self.run_layer(i, x, x0, ctx)
+        return x
 
     def run_layer(self, i, x, x0, ctx):
         """Layer i = block i % SHARED_BLOCKS with layer i's scales, run 1 + RECURRENCE_DEPTH times when it is a
@@ -2129,11 +2264,14 @@ class GPT(nn.Module):
             x = block(x, x0, ctx, scales)
         return x
 
-    def logits(self, hidden):
+    def logits(self, hidden, head_lora=None):
+        """Soft-capped tied-head logits (fp32); `head_lora` (A (B, e, r), B (B, r, V)) adds a per-sequence update."""
         if self.embed_out is not None:
             hidden = F.linear(hidden, self.embed_out.effective_weight().to(hidden.dtype))
-        logits = F.linear(hidden, self.tok_emb.effective_weight().to(hidden.dtype)).float()
-        return softcap(logits, self.cfg.logit_softcap, self.cfg.softcap_type)
+        logits = F.linear(hidden, self.tok_emb.effective_weight().to(hidden.dtype))
+        if head_lora is not None:
+            logits = logits + torch.bmm(torch.bmm(hidden, head_lora[0].to(hidden.dtype)), head_lora[1].to(hidden.dtype))
+        return softcap(logits.float(), self.cfg.logit_softcap, self.cfg.softcap_type)
 
     def token_nll(self, input_ids, target_ids):
         """Per-token negative log-likelihood in nats, (B, T), float32; no aux losses."""
@@ -2142,9 +2280,16 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def forward(self, input_ids, target_ids):
-        """Training loss: mean token NLL plus the aux losses the layers returned (already weighted)."""
+        """Training loss: mean token NLL plus the aux losses the layers returned (already weighted). FUSED_CE=1 computes
+        the NLL in row chunks recomputed in backward, so the (tokens, vocab) fp32 logits never exist at once."""
         hidden, aux_losses = self.hidden(input_ids)
-        loss = F.cross_entropy(self.logits(hidden).flatten(0, 1), target_ids.flatten())
+        if self.cfg.fused_ce:
+            if self.embed_out is not None:
+                hidden = F.linear(hidden, self.embed_out.effective_weight().to(hidden.dtype))
+            head = self.tok_emb.effective_weight().to(hidden.dtype)
+            loss = chunked_softcap_cross_entropy(hidden, head, target_ids, self.cfg.logit_softcap, self.cfg.softcap_type)
+        else:
+            loss = F.cross_entropy(self.logits(hidden).flatten(0, 1), target_ids.flatten())
         return loss + sum(aux_losses) if aux_losses else loss
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2163,16 +2308,31 @@ PARAM_ROUTES = {
 }
 
 
-def newton_schulz5(update, steps=5, eps=1e-7):
-    """Quintic Newton-Schulz iteration in bf16 -> approximately the nearest semi-orthogonal matrix (U V^T of the
-    SVD), with coefficients (3.4445, -4.7750, 2.0315) from modded-nanogpt."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)  # modded-nanogpt's fixed quintic, every step
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): step t's odd quintic is the minimax-optimal one on the interval
+# the singular values are in after step t - 1, from [1e-3, 1]; each designed on a 5% wider top and divided by 1.01
+# so bf16 rounding cannot push values where the next step blows up. Computed by tools/polar_express.py (Remez
+# exchange), checked by tests/test_05_optimizer_schedules.py: in exact arithmetic [1e-3, 1] ends in [0.82, 1.16].
+POLAR_EXPRESS_COEFFICIENTS = (
+    (7.989073952742234, -21.481593058915635, 14.457084568107346),
+    (3.990873006706435, -2.745120203460236, 0.47428533806186796),
+    (3.8115447711132036, -2.6322514014181357, 0.4632240015098305),
+    (3.260846220923673, -2.2751239778214045, 0.42862892177396156),
+    (2.3311398290461987, -1.6120003062524675, 0.36817398359601095),
+)
+NEWTON_SCHULZ_COEFFICIENTS = {"quintic": QUINTIC_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}
+
+
+def newton_schulz5(update, steps=5, eps=1e-7, coefficients=QUINTIC_COEFFICIENTS):
+    """Odd-quintic Newton-Schulz iteration in bf16 -> approximately the nearest semi-orthogonal matrix (U V^T of the
+    SVD): X <- a X + (b G + c G^2) X with G = X X^T, step t using coefficients[t] (the last one repeated)."""
     x = update.bfloat16()
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
     x = x / (x.norm() + eps)
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = coefficients[min(step, len(coefficients) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -2184,9 +2344,9 @@ class Muon(torch.optim.Optimizer):
     all-reduce shares the updates; at world size 1 it is plain. Weight decay and the update only touch matrices
     whose gradient is nonzero this step (an expert that got no tokens neither decays nor moves)."""
 
-    def __init__(self, params, lr, momentum, backend_steps, row_equilibrate, weight_decay):
+    def __init__(self, params, lr, momentum, backend_steps, row_equilibrate, weight_decay, coefficients=QUINTIC_COEFFICIENTS):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      row_equilibrate=row_equilibrate, weight_decay=weight_decay))
+                                      row_equilibrate=row_equilibrate, weight_decay=weight_decay, coefficients=coefficients))
 
     @torch.no_grad()
     def step(self):
@@ -2219,7 +2379,7 @@ class Muon(torch.optim.Optimizer):
         update = p.grad.add(buf, alpha=group["momentum"])
         if group["row_equilibrate"]:
             update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
-        update = newton_schulz5(update, group["backend_steps"])
+        update = newton_schulz5(update, group["backend_steps"], coefficients=group["coefficients"])
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
 
@@ -2237,7 +2397,8 @@ def build_optimizers(model, train_cfg, fused):
     for route, params in muon_params:
         _, lr_name, wd_name = PARAM_ROUTES[route]
         optimizers.append(Muon(params, getattr(train_cfg, lr_name), train_cfg.muon_momentum, train_cfg.muon_backend_steps,
-                               train_cfg.muon_eq_r, getattr(train_cfg, wd_name) if wd_name else 0.0))
+                               train_cfg.muon_eq_r, getattr(train_cfg, wd_name) if wd_name else 0.0,
+                               NEWTON_SCHULZ_COEFFICIENTS[train_cfg.muon_ns_coefficients]))
     adam_groups = [dict(params=ps, lr=getattr(train_cfg, PARAM_ROUTES[r][1]),
                         weight_decay=getattr(train_cfg, PARAM_ROUTES[r][2]) if PARAM_ROUTES[r][2] else 0.0)
                    for r, ps in groups.items() if PARAM_ROUTES[r][0] == "adam" and ps]
@@ -2245,7 +2406,7 @@ def build_optimizers(model, train_cfg, fused):
         optimizers.append(torch.optim.AdamW(adam_groups, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps, fused=fused))
     for opt in optimizers:
         for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+            group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
     return optimizers
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -2254,14 +2415,22 @@ def build_optimizers(model, train_cfg, fused):
 # whatever its step time.
 # -----------------------------------------------------------------------------------------------------------------
 
-def lr_scale(fraction, warmup_fraction, warmdown_fraction):
-    """Linear warm-up over the first `warmup_fraction`, 1.0, then linear warm-down to 0 over the last
-    `warmdown_fraction` of the budget."""
+def lr_scale(fraction, warmup_fraction, warmdown_fraction, min_lr=0.0):
+    """Linear warm-up over the first `warmup_fraction`, 1.0, then linear warm-down over the last
+    `warmdown_fraction` of the budget to `min_lr` (MIN_LR_FRACTION: a floor, 0 = down to zero)."""
     if warmup_fraction > 0 and fraction < warmup_fraction:
         return max(fraction / warmup_fraction, 1e-3)
     if warmdown_fraction > 0 and fraction > 1.0 - warmdown_fraction:
-        return max((1.0 - fraction) / warmdown_fraction, 0.0)
+        return min_lr + (1.0 - min_lr) * max((1.0 - fraction) / warmdown_fraction, 0.0)
     return 1.0
+
+
+def weight_decay_scale(fraction, taper_start):
+    """Late weight-decay taper: 1 until `taper_start` (WD_TAPER_START_FRACTION), then linearly to 0 at the end of
+    the budget (1 = no taper)."""
+    if taper_start >= 1.0 or fraction <= taper_start:
+        return 1.0
+    return max((1.0 - fraction) / (1.0 - taper_start), 0.0)
 
 
 def muon_momentum(step, start, end, warmup_steps):
@@ -3112,12 +3281,13 @@ def score_batch(ctx, windows, temperature=1.0, adjusters=()):
 
 
 class EvalHook:
-    """A stream stage's hook. Per chunk k (targets [first, end)): before_chunk, then the chunk is scored (each
-    batch's log-probs go through adjust_logprobs when `adjusts`), then after_chunk (the only place a hook may learn:
-    its targets are all scored). close() runs once at the end, also on an error."""
+    """A stream stage's hook. Per chunk k of num_chunks (targets [first, end)): before_chunk, then the chunk is
+    scored (each batch's log-probs go through adjust_logprobs when `adjusts`), then after_chunk (the only place a
+    hook may learn: its targets are all scored). close() runs once at the end, also on an error. With
+    TTT_MODE=global every rank sees every chunk (each scores a share of its windows)."""
     adjusts = False
 
-    def before_chunk(self, ctx, k, first, end):
+    def before_chunk(self, ctx, k, num_chunks, first, end):
         pass
 
     def adjust_logprobs(self, logp, tokens, positions):
@@ -3286,9 +3456,12 @@ def ttt_parameters(model, scope, freeze_packed_engram):
 
 class TestTimeTrainer(EvalHook):
     """Legal TTT: after a chunk is scored, SGD with momentum (the buffer persists across chunks) and a grad clip
-    on that chunk's targets only (inputs may reach back into earlier, scored tokens; targets never pass the chunk).
-    Only the TTT_SCOPE parameters move; close() puts back every weight, requires_grad flag and grad bit-exactly.
-    No gradient is averaged across ranks: each rank adapts on its own segment."""
+    on that chunk's targets only (inputs may reach back into earlier, scored tokens; targets never pass the chunk),
+    or with TTT_PHASES on every target scored so far (a phase replays the scored prefix). TTT_LR_SCHEDULE=cosine
+    lowers the learning rate over the chunks. Only the TTT_SCOPE parameters move; close() puts back every weight,
+    requires_grad flag and grad bit-exactly. TTT_MODE=segments: each rank adapts alone on its own segment;
+    global: every rank takes a share of each step's sequences and the gradients are summed over ranks, so one
+    model adapts on the whole stream, the same on every rank and at every world size."""
 
     __test__ = False  # not a pytest class
 
@@ -3302,13 +3475,22 @@ class TestTimeTrainer(EvalHook):
             p.requires_grad_(id(p) in chosen)
             p.grad = None
         self.optimizer = torch.optim.SGD(self.params, lr=self.cfg.ttt_lr, momentum=self.cfg.ttt_momentum)
+        self.run = ctx.run if self.cfg.ttt_mode == "global" else Dist(device=ctx.device)  # whom a step's work is split over
+        self.first_target = None
+
+    def before_chunk(self, ctx, k, num_chunks, first, end):
+        self.first_target = first if self.first_target is None else self.first_target
+        scale = 0.5 * (1 + math.cos(math.pi * k / num_chunks)) if self.cfg.ttt_lr_schedule == "cosine" else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.ttt_lr * scale
 
     def after_chunk(self, ctx, first, end, last):
         if not last:  # nothing is scored after the last chunk
-            self.adapt(ctx.tokens, first, end)
+            self.adapt(ctx.tokens, self.first_target if self.cfg.ttt_phases else first, end)
 
     def adapt(self, tokens, first_target, end_target):
-        """TTT_EPOCHS passes over targets first_target..end_target-1 in sequences of the eval context."""
+        """TTT_EPOCHS passes over targets first_target..end_target-1 in sequences of the eval context, TTT_BATCH_SEQS
+        sequences per step (each rank its share of them in global mode)."""
         seq_len, batch_seqs = self.seq_len, self.cfg.ttt_batch_seqs
         starts = [(s, min(seq_len, end_target - 1 - s)) for s in range(first_target - 1, end_target - 1, seq_len)]
         with torch.enable_grad():
@@ -3319,14 +3501,19 @@ class TestTimeTrainer(EvalHook):
             raise RuntimeError("FREEZE_PACKED_ENGRAM=2: a packed engram table (ttt_group 'engram') changed during TTT")
 
     def step(self, tokens, batch):
+        """One SGD step on `batch` ((start, length) sequences); in global mode this rank computes the gradient of its
+        share, weighted by tokens over the whole batch, and the ranks sum them before the clip and the step."""
         total = sum(length for _, length in batch)
-        for length in sorted({length for _, length in batch}):
-            same = [s for s, n in batch if n == length]
+        mine = rank_slice(batch, self.run.rank, self.run.world_size)
+        for length in sorted({length for _, length in mine}):
+            same = [s for s, n in mine if n == length]
             x = torch.stack([tokens[s:s + length] for s in same])
             y = torch.stack([tokens[s + 1:s + length + 1] for s in same])
             with autocast(self.device):
                 loss = self.model(x, y)
             (loss * (len(same) * length / total)).backward()
+        if self.run.world_size > 1:
+            sum_gradients_over_ranks(self.params)
         if self.cfg.ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.ttt_grad_clip)
         self.optimizer.step()
@@ -3339,6 +3526,16 @@ class TestTimeTrainer(EvalHook):
             p.copy_(value)
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+def sum_gradients_over_ranks(params):
+    """All-reduce (sum) the gradients of `params` in one flat buffer (a parameter without a gradient counts zero)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 def stage_stride(ctx, stage):
@@ -3390,24 +3587,27 @@ def score_carry(ctx, stages, windows, temperature, within_budget=None, trace=Non
 
 
 def score_stream(ctx, stages, windows, temperature, within_budget=None, observers=()):
-    """The stream scorer, one pass for all the stream `stages`: chunks of >= TTT_CHUNK_TOKENS scored targets in
-    order; each stage's hook is built at the start, sees each chunk (observers first, then the stages' hooks in
-    table order) and closes at the end. Row i of the result is stage i's sums: the log-probs after the adjusting
-    hooks of stages 0..i. The budget is asked after the first chunk with its share of the windows."""
+    """The stream scorer, one pass for all the stream `stages`: chunks of >= TTT_CHUNK_TOKENS scored targets (or
+    TTT_PHASES + 1 equal phases) in order; each stage's hook is built at the start, sees each chunk (observers first,
+    then the stages' hooks in table order) and closes at the end. TTT_MODE=global: every rank walks every chunk and
+    scores a contiguous share of its windows. Row i of the result is stage i's sums: the log-probs after the
+    adjusting hooks of stages 0..i. The budget is asked after the first chunk with its share of the windows."""
     hooks = [stage.hook(ctx) for stage in stages]
     adjusters = [hook for hook in hooks if hook.adjusts]
     rows = [sum(hook.adjusts for hook in hooks[:i + 1]) for i in range(len(hooks))]
-    chunks = chunk_windows(windows, ctx.cfg.ttt_chunk_tokens)
+    chunks = chunk_windows(windows, stream_chunk_tokens(ctx.cfg, windows))
     batch = batch_size(ctx, stage_stride(ctx, stages[0]))
+    split = ctx.run if ctx.cfg.ttt_mode == "global" else Dist(device=ctx.device)  # global: ranks share each chunk
     totals = torch.zeros(1 + len(adjusters), 3, dtype=torch.float64, device=ctx.device)
     try:
         for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             first, end = chunk_targets(chunk)
             for hook in (*observers, *hooks):
-                hook.before_chunk(ctx, k, first, end)
-            for i in range(0, len(chunk), batch):
-                totals += score_batch(ctx, chunk[i:i + batch], temperature, adjusters)
+                hook.before_chunk(ctx, k, len(chunks), first, end)
+            mine = rank_slice(chunk, split.rank, split.world_size)
+            for i in range(0, len(mine), batch):
+                totals += score_batch(ctx, mine[i:i + batch], temperature, adjusters)
             for hook in (*observers, *hooks):
                 hook.after_chunk(ctx, first, end, k == len(chunks) - 1)
             if k == 0 and within_budget is not None and not within_budget(elapsed_since(t0, ctx.device), len(chunk) / len(windows)):
@@ -3418,6 +3618,139 @@ def score_stream(ctx, stages, windows, temperature, within_budget=None, observer
         for hook in hooks:
             hook.close()
     return totals[rows]
+
+
+def document_spans(tokens):
+    """The documents of a token stream as (first, last): inputs tokens[first:last], targets first+1..last. A document
+    starts at its BOS (the tokens before the first BOS are one too) and its last target is the next document's BOS
+    (or the stream's last token), so the spans score targets 1..len(tokens)-1 exactly once."""
+    starts = sorted({0, *(torch.nonzero(tokens == BOS_ID).flatten().tolist())})
+    ends = starts[1:] + [len(tokens) - 1]
+    return [(first, last) for first, last in zip(starts, ends) if last > first]
+
+
+def chunk_target_range(span, c, chunk):
+    """Targets [a, b) of chunk c of a document: `chunk` of them from first+1+c*chunk on (fewer at the end)."""
+    first, last = span
+    a = first + 1 + c * chunk
+    return a, min(a + chunk, last + 1)
+
+
+def document_chunk(span, c, chunk, seq_len):
+    """Chunk c of a document as a window (start, length, score_from): it scores targets chunk_target_range from at
+    most seq_len tokens of the same document before each (chunk <= seq_len)."""
+    a, b = chunk_target_range(span, c, chunk)
+    start = max(span[0], b - 1 - seq_len)
+    return start, b - 1 - start, a - 1 - start
+
+
+def lora_targets(model, cfg):
+    """{key: (in, out)} of the adapters of TTT_MODE=lora: q, v and proj of every attention layer, and the head
+    ("head") with TTT_LORA_HEAD=1. Keys are those Context.lora / lora_delta look up."""
+    d, shapes = model.cfg.model_dim, {}
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            q_out, kv_out = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
+            shapes.update({(id(module), "q"): (d, q_out), (id(module), "v"): (d, kv_out), (id(module), "proj"): (q_out, d)})
+    if cfg.ttt_lora_head:
+        vocab, width = model.tok_emb.effective_weight().shape
+        shapes["head"] = (width, vocab)
+    if not shapes:
+        raise ConfigError("TTT_MODE=lora: this model has no attention layer and TTT_LORA_HEAD=0, so no adapter to train; "
+                          "set TTT_LORA_HEAD=1 or choose TTT_MODE=segments")
+    return shapes
+
+
+class DocumentAdapters:
+    """Rank-r LoRA adapters for a batch of documents: per key, A (n, in, r) ~ N(0, 1/in) drawn from the document's
+    own seed and B (n, r, out) = 0, so every document starts at the artifact's predictions; one Adam over them
+    (elementwise, so each document's adapter moves only on its own gradient)."""
+
+    def __init__(self, shapes, doc_ids, rank, lr, device):
+        self.params = {}
+        for j, (key, (fan_in, fan_out)) in enumerate(shapes.items()):
+            a = torch.stack([torch.randn(fan_in, rank, generator=torch.Generator().manual_seed(doc * 1009 + j)) for doc in doc_ids])
+            self.params[key] = (a.div_(math.sqrt(fan_in)).to(device).requires_grad_(),
+                                torch.zeros(len(doc_ids), rank, fan_out, device=device, requires_grad=True))
+        self.optimizer = torch.optim.Adam([p for pair in self.params.values() for p in pair], lr=lr)
+
+    def select(self, rows):
+        """(Context.lora of the documents `rows`, their head adapter or None)."""
+        picked = {key: (a[rows], b[rows]) for key, (a, b) in self.params.items()}
+        return picked, picked.pop("head", None)
+
+
+def score_documents(ctx, stages, windows, temperature, within_budget=None, trace=None):
+    """The documents scorer of TTT_MODE=lora: every document of val on its own (doc-isolated context, at most the
+    eval context long), TTT_LORA_BATCH_DOCS documents in parallel, each in chunks of TTT_LORA_CHUNK targets: chunk
+    c is scored with the adapters as chunk c-1 left them, then the adapters take TTT_EPOCHS Adam steps on chunk c's
+    targets only; new adapters at each document (its BOS). Documents are dealt to the ranks by length (the result
+    does not depend on world size). `trace` (a list) gets ("score" | "train", document, (first, end) targets)."""
+    cfg, model, seq_len = ctx.cfg, ctx.model, ctx.seq_len
+    spans = sorted(document_spans(ctx.tokens), key=lambda span: span[0] - span[1])  # longest first: similar lengths batch
+    mine = list(range(ctx.run.rank, len(spans), ctx.run.world_size))
+    shapes, chunk = lora_targets(model, cfg), min(cfg.ttt_lora_chunk, seq_len)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    totals = torch.zeros(1, 3, dtype=torch.float64, device=ctx.device)
+    my_tokens = sum(spans[i][1] - spans[i][0] for i in mine)
+    for b0 in range(0, len(mine), cfg.ttt_lora_batch_docs):
+        t0 = time.perf_counter()
+        docs = mine[b0:b0 + cfg.ttt_lora_batch_docs]
+        adapters = DocumentAdapters(shapes, docs, cfg.ttt_lora_rank, cfg.ttt_lora_lr, ctx.device)
+        num_chunks = [-(-(spans[d][1] - spans[d][0]) // chunk) for d in docs]
+        for c in range(max(num_chunks)):
+            rows = [i for i, n in enumerate(num_chunks) if n > c]
+            learn = torch.tensor([num_chunks[i] > c + 1 for i in rows], device=ctx.device)
+            steps = cfg.ttt_epochs if bool(learn.any()) else 0  # nothing of a document is scored after its last chunk
+            for epoch in range(max(1, steps)):
+                nll, keep, x, y = document_chunk_nll(ctx, spans, [docs[i] for i in rows], c, chunk, adapters.select(rows), temperature, steps > 0)
+                if epoch == 0:  # scored before this chunk's first step
+                    totals[0] += torch.stack([(nll.detach().double() * keep).sum(), (token_bytes(x, y, ctx.tables).double() * keep).sum(), keep.sum().double()])
+                    if trace is not None:
+                        trace.extend(("score", docs[i], chunk_target_range(spans[docs[i]], c, chunk)) for i in rows)
+                if steps == 0:
+                    break
+                per_doc = (nll * keep).sum(1) / keep.sum(1).clamp_min(1)
+                (per_doc * learn).sum().backward()
+                adapters.optimizer.step()
+                adapters.optimizer.zero_grad(set_to_none=True)
+                if trace is not None:
+                    trace.extend(("train", docs[i], chunk_target_range(spans[docs[i]], c, chunk)) for i, l in zip(rows, learn.tolist()) if l)
+        if b0 == 0 and within_budget is not None:
+            done = sum(spans[d][1] - spans[d][0] for d in docs) / max(my_tokens, 1)
+            if not within_budget(elapsed_since(t0, ctx.device), done):
+                return None
+    if not mine and within_budget is not None and not within_budget(0.0, 1.0):  # every rank asks once
+        return None
+    return totals
+
+
+def document_chunk_nll(ctx, spans, docs, c, chunk, lora, temperature, grad):
+    """Per-position NLL (n, L) of chunk c of `docs` under their adapters (right-padded windows: causal attention
+    keeps the padding out of real positions), the scored-position mask, inputs and targets; with a graph when `grad`."""
+    windows = [document_chunk(spans[d], c, chunk, ctx.seq_len) for d in docs]
+    width = max(length for _, length, _ in windows)
+    offsets = torch.arange(width, device=ctx.device)
+    starts = torch.tensor([s for s, _, _ in windows], device=ctx.device)
+    lengths = torch.tensor([n for _, n, _ in windows], device=ctx.device)
+    score_from = torch.tensor([f for _, _, f in windows], device=ctx.device)
+    index = (starts[:, None] + offsets[None, :]).clamp_max(len(ctx.tokens) - 2)
+    x, y = ctx.tokens[index], ctx.tokens[index + 1]
+    keep = (offsets[None, :] >= score_from[:, None]) & (offsets[None, :] < lengths[:, None])
+    with torch.set_grad_enabled(grad), autocast(ctx.device):
+        hidden = ctx.model.hidden(x, lora=lora[0])[0]
+        logits = ctx.model.logits(hidden, head_lora=lora[1]).float() / temperature
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return nll, keep, x, y
+
+
+def score_ttt(ctx, stages, windows, temperature, within_budget=None):
+    """The TTT stage's scorer: the documents scorer for TTT_MODE=lora, else the stream scorer (with the stream
+    stages after it sharing the pass)."""
+    if ctx.cfg.ttt_mode == "lora":
+        return score_documents(ctx, stages, windows, temperature, within_budget)
+    return score_stream(ctx, stages, windows, temperature, within_budget)
 
 
 @dataclass(frozen=True)
@@ -3440,7 +3773,7 @@ EVAL_STAGES = (  # in this fixed order; the reported val_bpb is the last enabled
     EvalStage("roundtrip", None, score_windows, sliding=False),  # the reloaded artifact, plain windows, temperature 1
     EvalStage("sliding", "sliding_eval", score_windows),
     EvalStage("capsule_carry", "capsule_carry_eval", score_carry, sliding=False),
-    EvalStage("ttt", "ttt_enabled", score_stream, TestTimeTrainer),
+    EvalStage("ttt", "ttt_enabled", score_ttt, TestTimeTrainer),
     EvalStage("ngram", "ngram_cache_enabled", score_stream, NgramCache),
     EvalStage("evalengram", "eval_engram_enabled", score_stream, EvalEngram),
 )
@@ -3449,6 +3782,15 @@ EVAL_STAGES = (  # in this fixed order; the reported val_bpb is the last enabled
 def eval_plan(eval_cfg):
     """The enabled stages, in table order."""
     return [stage for stage in EVAL_STAGES if stage.flag is None or getattr(eval_cfg, stage.flag)]
+
+
+def stream_chunk_tokens(eval_cfg, windows):
+    """Scored targets per chunk of the stream: TTT_CHUNK_TOKENS, or with TTT_PHASES = P the targets split in P + 1
+    equal phases (the model adapts P times, each time on the whole scored prefix)."""
+    if not eval_cfg.ttt_phases:
+        return eval_cfg.ttt_chunk_tokens
+    targets = sum(length - score_from for _, length, score_from in windows)
+    return max(1, -(-targets // (eval_cfg.ttt_phases + 1)))
 
 
 def elapsed_since(t0, device):
@@ -3464,8 +3806,13 @@ def batch_share(batch, windows):
 def stage_share(ctx, stage):
     """This rank's share of a stage: (context, windows). windows / carry: a contiguous range of the stage's windows;
     stream: all windows of the rank's contiguous token segment (TTT and caches run in stream order, so the
-    segments cannot interleave), with the context's tokens cut to that segment."""
+    segments cannot interleave), with the context's tokens cut to that segment; with TTT_MODE=global all windows
+    (the scorer shares each chunk out); with TTT_MODE=lora none (score_documents shares the documents out)."""
     run = ctx.run
+    if stage.streams and ctx.cfg.ttt_mode == "lora":
+        return ctx, []  # score_documents splits the documents over the ranks itself
+    if stage.streams and ctx.cfg.ttt_mode == "global":
+        return ctx, eval_windows(len(ctx.tokens), ctx.seq_len, stage_stride(ctx, stage))
     if stage.streams:
         first, last = rank_segment(len(ctx.tokens), run.rank, run.world_size)
         ctx = dataclasses.replace(ctx, tokens=ctx.tokens[first:last + 1])
@@ -3682,11 +4029,12 @@ def train_step(model, optimizers, loader, train_cfg, seq_len, run, accum, step, 
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach() / accum
-    scale = lr_scale(fraction, train_cfg.warmup_fraction, train_cfg.warmdown_fraction)
+    scale = lr_scale(fraction, train_cfg.warmup_fraction, train_cfg.warmdown_fraction, train_cfg.min_lr_fraction)
+    decay = weight_decay_scale(fraction, train_cfg.wd_taper_start_fraction)
     momentum = muon_momentum(step, train_cfg.muon_momentum_warmup_start, train_cfg.muon_momentum, train_cfg.muon_momentum_warmup_steps)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
+            group["lr"], group["weight_decay"] = group["base_lr"] * scale, group["base_weight_decay"] * decay
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
     if train_cfg.grad_clip_norm > 0:

@@ -286,7 +286,7 @@ def test_curriculum_lengths_are_powers_of_two_and_train_step_keeps_tokens():
 
     model = Recorder()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    opt.param_groups[0]["base_lr"] = 0.0
+    opt.param_groups[0].update(base_lr=0.0, base_weight_decay=0.0)
     for fraction in (0.0, 0.3, 0.9):
         train_gpt.train_step(model, [opt], Loader(), config.train, config.model.train_seq_len, train_gpt.Dist(), 1, 0, fraction)
     assert shapes == [(32, 16), (16, 32), (8, 64)]
@@ -332,3 +332,103 @@ def test_fresh_process_reload_is_exact_for_every_architecture(tmp_path):
     reloaded = torch.load(tmp_path / "out.pt")
     for name in EXPORT_CASES:
         assert torch.equal(reloaded[name], expected[name]), name
+
+
+LEADERBOARD_OPTIONS = {
+    "doc_isolation": dict(DOC_ISOLATION=1),
+    "attn_gate_full": dict(ATTN_GATE="full"),
+    "attn_gate_sparse": dict(ATTN_GATE="sparse", ATTN_GATE_DIMS=8),
+    "smear_gate": dict(SMEAR_GATE=1),
+    "unet_skip_gate": dict(UNET_SKIP_GATE=1),
+    "recurrence_span": dict(RECURRENCE_SPAN="1,2", RECURRENCE_SPAN_LOOPS=2),
+    "fused_ce": dict(FUSED_CE=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEADERBOARD_OPTIONS))
+def test_leaderboard_options_are_causal_and_every_parameter_trains(name):
+    """Each of the leaderboard's model options keeps the model causal and gives every parameter a gradient."""
+    model = perturbed_model(**LEADERBOARD_OPTIONS[name])
+    assert_causal(model.eval())
+    model.train()
+    x, y = torch.randint(0, 1024, (2, 40)), torch.randint(0, 1024, (2, 40))
+    model(x, y).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_document_isolation_keeps_attention_inside_a_document():
+    """DOC_ISOLATION=1: tokens before a BOS change no output at or after it (attention never crosses the BOS);
+    without it they do. The mask equals the block-diagonal causal mask built by hand."""
+    torch.manual_seed(3)
+    x = torch.randint(2, 1024, (2, 40))
+    x[:, 17] = train_gpt.BOS_ID
+    x2 = x.clone()
+    x2[:, :17] = torch.randint(2, 1024, (2, 17))
+    for isolated in (1, 0):
+        model = perturbed_model(DOC_ISOLATION=isolated).eval()
+        with torch.no_grad():
+            a, b = model.hidden(x)[0], model.hidden(x2)[0]
+        assert torch.allclose(a[:, 17:], b[:, 17:], atol=1e-5) == bool(isolated)
+    mask = train_gpt.document_mask(x[:1])[0, 0]
+    by_hand = torch.zeros(40, 40, dtype=torch.bool)
+    by_hand[:17, :17] = torch.ones(17, 17, dtype=torch.bool).tril()
+    by_hand[17:, 17:] = torch.ones(23, 23, dtype=torch.bool).tril()
+    assert torch.equal(mask, by_hand)
+
+
+def test_gates_and_smear_start_as_the_plain_model():
+    """SmearGate (lambda 0), the skip gate (2 sigmoid(0) = 1) start exactly as the model without them; the
+    attention output gate starts at sigmoid(0) = 1/2 of each head (the output projection is zero-initialized, so
+    the start is the same too). Each changes the output once moved off its start."""
+    x = torch.randint(0, 1024, (2, 24))
+    plain = perturbed_model()
+    for overrides in (dict(SMEAR_GATE=1), dict(UNET_SKIP_GATE=1)):
+        model = tiny_model(**overrides)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in dict(plain.named_parameters()):
+                    p.copy_(dict(plain.named_parameters())[name])
+            assert torch.equal(model.hidden(x)[0], plain.hidden(x)[0]), overrides
+            for name, p in model.named_parameters():
+                if name not in dict(plain.named_parameters()):
+                    p.add_(0.5)
+            assert not torch.allclose(model.hidden(x)[0], plain.hidden(x)[0]), overrides
+
+
+def test_span_recurrence_loops_the_block_of_layers_and_switches_on_at_its_fraction():
+    """RECURRENCE_SPAN=1,2 with 2 loops runs layers 0,1,2,1,2,1,2,3 (from RECURRENCE_START_FRACTION), where
+    RECURRENCE_LAYERS=1,2 runs 0,1,1,2,2,3: the two designs differ."""
+    order = []
+    model = perturbed_model(RECURRENCE_SPAN="1,2", RECURRENCE_SPAN_LOOPS=2, RECURRENCE_START_FRACTION=0.5)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: order.append(i))
+    x = torch.randint(0, 1024, (1, 16))
+    with torch.no_grad():
+        model.set_progress(0.25)
+        model.hidden(x)
+        assert order == [0, 1, 2, 3]
+        order.clear()
+        model.set_progress(0.5)
+        model.hidden(x)
+    assert order == [0, 1, 2, 1, 2, 1, 2, 3]
+    in_place = perturbed_model(RECURRENCE_LAYERS="1,2", RECURRENCE_DEPTH=1)
+    with torch.no_grad():
+        assert not torch.allclose(in_place.hidden(x)[0], perturbed_model(RECURRENCE_SPAN="1,2").hidden(x)[0])
+
+
+def test_fused_cross_entropy_equals_the_plain_loss_and_its_gradients():
+    """FUSED_CE=1 (row chunks recomputed in backward) gives the plain soft-capped cross-entropy and the same
+    gradients: the same float32 ops per row, summed in chunks (float32 sums: relative 1e-6 for 2 x 40 rows)."""
+    x, y = torch.randint(0, 1024, (2, 40)), torch.randint(0, 1024, (2, 40))
+    losses, grads = [], []
+    for fused in (0, 1):
+        model = perturbed_model(FUSED_CE=fused)
+        loss = model(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.tok_emb.weight.grad.clone())
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6) and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    hidden, head, targets = torch.randn(300, 16), torch.randn(50, 16), torch.randint(0, 50, (300,))
+    chunked = train_gpt.chunked_softcap_cross_entropy(hidden, head, targets, 30.0, "poly", rows=64)  # 5 chunks, the last short
+    whole = torch.nn.functional.cross_entropy(train_gpt.softcap(hidden @ head.T, 30.0, "poly"), targets)
+    assert torch.allclose(chunked, whole, rtol=1e-6)

@@ -124,3 +124,66 @@ def test_train_budget_keeps_the_reserve_for_post_loop_train_reads():
 def test_mfu_divides_by_the_h100_spec_peak():
     """MFU's denominator is NVIDIA's H100 SXM dense bf16 figure, 989 TFLOP/s (a datasheet number, not a measurement)."""
     assert train_gpt.H100_BF16_PEAK_FLOPS == 989e12
+
+
+def test_polar_express_coefficients_are_the_greedy_minimax_quintics():
+    """The trainer's POLAR_EXPRESS_COEFFICIENTS are what tools/polar_express.py computes (Remez exchange per step),
+    and each step's error 1 - p equioscillates (four alternating extrema of equal size, the minimax certificate)."""
+    import sys
+    import numpy as np
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "tools"))
+    import polar_express
+    computed, (low, high) = polar_express.polar_express()
+    assert np.allclose(np.array(computed), np.array(train_gpt.POLAR_EXPRESS_COEFFICIENTS), rtol=1e-12)
+    assert 0.81 < low and high < 1.17
+    (a, b, c), error = polar_express.minimax_quintic(1e-3, 1.05)
+    extrema = polar_express.extrema((a, b, c), 1e-3, 1.05)
+    deviations = [1 - polar_express.quintic((a, b, c), x) for x in extrema]
+    assert len(deviations) == 4 and np.allclose(np.abs(deviations), error, rtol=1e-9)
+    assert all(d1 * d2 < 0 for d1, d2 in zip(deviations, deviations[1:]))
+
+
+def test_polar_express_orthogonalizes_small_singular_values_the_quintic_leaves_behind_and_stays_stable_in_bf16():
+    """Updates whose singular values span 1 down to 3e-3 (bf16, 64 and 128 wide, 10 seeds): five Polar Express steps
+    bring every singular value into [0.7, 1.2], where the fixed quintic leaves the smallest below 0.5."""
+    polar, quintic = [], []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        n = 64 if seed % 2 else 128
+        u, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+        g = (u @ torch.diag(torch.logspace(0, -2.5, n, dtype=torch.float64)) @ v.T).float()
+        polar.append(torch.linalg.svdvals(train_gpt.newton_schulz5(g, 5, coefficients=train_gpt.POLAR_EXPRESS_COEFFICIENTS).double()))
+        quintic.append(torch.linalg.svdvals(train_gpt.newton_schulz5(g, 5).double()))
+    polar, quintic = torch.cat(polar), torch.cat(quintic)
+    assert polar.min() > 0.7 and polar.max() < 1.2, (polar.min(), polar.max())
+    assert quintic.min() < 0.5
+
+
+def test_min_lr_floor_and_weight_decay_taper():
+    """MIN_LR_FRACTION: the warm-down ends at the floor, not 0; WD_TAPER_START_FRACTION: weight decay is 1x until it,
+    then falls linearly to 0 at the end (1 = off)."""
+    assert train_gpt.lr_scale(1.0, 0.02, 0.4, 0.1) == pytest.approx(0.1)
+    assert train_gpt.lr_scale(0.8, 0.02, 0.4, 0.1) == pytest.approx(0.55)
+    assert train_gpt.weight_decay_scale(0.5, 0.8) == 1.0 and train_gpt.weight_decay_scale(0.9, 0.8) == pytest.approx(0.5)
+    assert train_gpt.weight_decay_scale(1.0, 0.8) == 0.0 and train_gpt.weight_decay_scale(0.99, 1.0) == 1.0
+
+
+def test_train_step_applies_the_taper_and_the_coefficients():
+    """train_step sets each group's weight decay to its base times the taper; Muon groups carry the configured
+    Newton-Schulz coefficients."""
+    from conftest import tiny_config, tiny_model
+    config = tiny_config(MUON_WD=0.1, WD_TAPER_START_FRACTION=0.5, MUON_NS_COEFFICIENTS="polar_express", GRAD_ACCUM_STEPS=1)
+    model = tiny_model()
+    optimizers = train_gpt.build_optimizers(model, config.train, fused=False)
+    muon = next(o for o in optimizers if isinstance(o, train_gpt.Muon))
+    assert muon.param_groups[0]["coefficients"] == train_gpt.POLAR_EXPRESS_COEFFICIENTS
+
+    class Loader:
+        def next_batch(self, tokens, seq_len):
+            x = torch.randint(0, 1024, (tokens // seq_len, seq_len))
+            return x, x
+
+    train_gpt.train_step(model, optimizers, Loader(), config.train, 64, train_gpt.Dist(), 1, 0, 0.75)
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(0.05)

@@ -227,7 +227,7 @@ class ChunkRecorder(train_gpt.EvalHook):
     def __init__(self):
         self.k = self.first = self.end = None
 
-    def before_chunk(self, ctx, k, first, end):
+    def before_chunk(self, ctx, k, num_chunks, first, end):
         self.k, self.first, self.end = k, first, end
 
 
