@@ -382,6 +382,8 @@ class EvalConfig:
     ngram_cache_enabled: int = setting(0, "1 = add the stage mixing a backoff n-gram model of already-scored val tokens into the probs")
     ngram_max_order: int = setting(5, "n-gram cache: highest order (context length + 1); backs off to lower orders down to unigram")
     ngram_buckets: int = setting(4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)")
+    ngram_smoothing: str = setting("backoff", "n-gram cache: backoff (the highest order whose context was seen predicts alone) | interpolated (every order, Dirichlet-smoothed towards the next lower one)")
+    ngram_dirichlet: float = setting(2.0, "n-gram cache, interpolated: p_k = (c(ctx, v) + D p_(k-1)) / (c(ctx) + D), from a uniform p_0")
     ngram_alpha_base: float = setting(0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))")
     ngram_alpha_scale: float = setting(0.55, "n-gram mix weight: entropy-dependent part")
     ngram_entropy_center: float = setting(4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint")
@@ -416,6 +418,8 @@ class EvalConfig:
         _require(self.eval_batch_seqs >= 1 and self.sliding_batch_size >= 1, "EVAL_BATCH_SEQS and SLIDING_BATCH_SIZE must be >= 1")
         _require(self.freeze_packed_engram in (0, 1, 2), f"FREEZE_PACKED_ENGRAM={self.freeze_packed_engram}: 0 | 1 | 2")
         _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
+        _require(self.ngram_smoothing in ("backoff", "interpolated"), f"NGRAM_SMOOTHING={self.ngram_smoothing!r}: backoff | interpolated")
+        _require(self.ngram_dirichlet > 0, f"NGRAM_DIRICHLET={self.ngram_dirichlet} must be > 0")
         _require(0.0 <= self.ngram_alpha_max < 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1): at 1 a target "
                  "the cache never saw would get probability 0 (infinite loss)")
         orders = self.eval_engram_order_list
@@ -3316,8 +3320,10 @@ def context_hashes(tokens, positions, length, salt):
 class NgramCache(EvalHook):
     """Backoff n-gram model of the already-scored val tokens as hash-bucketed int32 count tensors: per order
     1..NGRAM_MAX_ORDER a context table and a (context, next token) table, filled by scatter_add per chunk. At a
-    position the highest order whose context was seen predicts; its distribution is the (context, v) counts over
-    all v divided by their sum, a proper distribution even with hash collisions. Mixed with the model:
+    position, NGRAM_SMOOTHING=backoff: the highest order whose context was seen predicts; its distribution is the
+    (context, v) counts over all v divided by their sum, a proper distribution even with hash collisions (a context
+    seen once predicts one token with probability 1). interpolated: every order from a uniform p_0 up,
+    p_k = (c_k(v) + D p_(k-1)) / (sum_v c_k(v) + D), so a context seen n times weighs n / (n + D). Mixed with the model:
         p = (1 - alpha) p_model + alpha p_ngram,  alpha = min(ALPHA_MAX, ALPHA_BASE + ALPHA_SCALE sigmoid(H - CENTER))
     with H the model's entropy in nats; alpha = 0 where no context was seen."""
 
@@ -3328,6 +3334,7 @@ class NgramCache(EvalHook):
         cfg = ctx.cfg
         self.max_order, self.buckets, self.vocab_size = cfg.ngram_max_order, cfg.ngram_buckets, ctx.vocab_size
         self.alpha = (cfg.ngram_alpha_base, cfg.ngram_alpha_scale, cfg.ngram_entropy_center, cfg.ngram_alpha_max)
+        self.interpolated, self.dirichlet = cfg.ngram_smoothing == "interpolated", cfg.ngram_dirichlet
         self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=ctx.device)
         self.pair_counts = torch.zeros_like(self.context_counts)
 
@@ -3349,6 +3356,8 @@ class NgramCache(EvalHook):
 
     def predict(self, tokens, positions):
         """(N, V) n-gram distribution at each position and whether any context was seen (N,)."""
+        if self.interpolated:
+            return self.predict_interpolated(tokens, positions)
         order_index = torch.full_like(positions, -1)
         chosen = torch.zeros_like(positions)
         for order in range(self.max_order, 0, -1):
@@ -3360,6 +3369,17 @@ class NgramCache(EvalHook):
         index = order_index.clamp_min(0)[:, None] * self.buckets + self._pair_bucket(chosen[:, None], vocab[None, :])
         rows = self.pair_counts.view(-1)[index].float()
         return rows / rows.sum(-1, keepdim=True).clamp_min(1.0), order_index >= 0
+
+    def predict_interpolated(self, tokens, positions):
+        vocab = torch.arange(self.vocab_size, device=positions.device)
+        probs = torch.full((len(positions), self.vocab_size), 1.0 / self.vocab_size, device=positions.device)
+        found = torch.zeros_like(positions, dtype=torch.bool)
+        for order in range(1, self.max_order + 1):
+            h, valid = context_hashes(tokens, positions, order - 1, order)
+            counts = self.pair_counts[order - 1][self._pair_bucket(h[:, None], vocab[None, :])].float() * valid[:, None]
+            probs = (counts + self.dirichlet * probs) / (counts.sum(-1, keepdim=True) + self.dirichlet)
+            found |= valid & (self.context_counts[order - 1][h % self.buckets] > 0)
+        return probs, found
 
     def adjust_logprobs(self, logp, tokens, positions):
         """log((1 - alpha) p_model + alpha p_ngram) over the whole vocabulary (N, V)."""

@@ -256,9 +256,11 @@ def test_cache_lookups_see_only_earlier_chunks(tmp_path, monkeypatch, kind):
     assert seen[0] == (0, 0.0) and seen[-1][1] > 0
 
 
-def test_ngram_mixture_is_a_normalized_distribution():
+@pytest.mark.parametrize("smoothing", ["backoff", "interpolated"])
+def test_ngram_mixture_is_a_normalized_distribution(smoothing):
     """The mixed log-probs over the whole vocabulary sum to 1 at every position (hash collisions included)."""
-    ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=257, NGRAM_MAX_ORDER=3, NGRAM_ALPHA_BASE=0.3)
+    ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=257, NGRAM_MAX_ORDER=3,
+                       NGRAM_ALPHA_BASE=0.3, NGRAM_SMOOTHING=smoothing)
     cache = train_gpt.NgramCache(ctx)
     tokens = torch.randint(0, 50, (400,))
     cache.update(tokens, torch.arange(1, 300))
@@ -287,6 +289,29 @@ def test_ngram_alpha_follows_the_model_entropy():
     assert alpha[0] == 0.5 and 0.05 < alpha[1] < 0.06  # the cap binds at the first position, not at the second
     expected = -torch.log((1 - alpha) * torch.exp(-nll(logp)) + alpha * torch.tensor([3 / 5, 1 / 5]))
     assert torch.allclose(nll(cache.adjust_logprobs(logp, tokens, positions)), expected, rtol=1e-5, atol=0)
+
+
+def test_interpolated_ngram_weighs_each_order_by_its_evidence():
+    """NGRAM_SMOOTHING=interpolated, orders 1 and 2, D = 2 (2^20 buckets: no collisions): after the targets
+    5 7 5 9 5 (contexts 0 5 7 5 9), at a position after a 5:
+      p_1(v) = (c(v) + 2/V) / (5 + 2), p_2(v) = (c(5, v) + 2 p_1(v)) / (2 + 2) with c(5, 7) = c(5, 9) = 1."""
+    ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=1 << 20, NGRAM_MAX_ORDER=2,
+                       NGRAM_SMOOTHING="interpolated", NGRAM_DIRICHLET=2.0)
+    cache = train_gpt.NgramCache(ctx)
+    tokens = torch.tensor([0, 5, 7, 5, 9, 5, 3])
+    cache.update(tokens, torch.arange(1, 6))
+    probs, found = cache.predict(tokens, torch.tensor([6]))
+    unigram = torch.full((1024,), 2 / 1024)
+    unigram[5] += 3
+    unigram[7] += 1
+    unigram[9] += 1
+    unigram /= 7
+    bigram = 2 * unigram
+    bigram[7] += 1
+    bigram[9] += 1
+    bigram /= 4
+    assert bool(found[0]) and torch.allclose(probs[0], bigram, rtol=1e-5, atol=1e-9)
+    assert float(probs[0].sum()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_engram_alpha_and_threshold_come_from_env(tmp_path):

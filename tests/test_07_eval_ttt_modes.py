@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import CPU, eval_context, stage, tiny_config
+from conftest import eval_context, stage, tiny_config
 from test_07_eval_stack import FLAT_TABLES, SMALL, artifact_model, stream_pass, unique_tokens
 
 BOS = train_gpt.BOS_ID
