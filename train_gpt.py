@@ -384,6 +384,8 @@ class EvalConfig:
     ngram_buckets: int = setting(4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)")
     ngram_smoothing: str = setting("backoff", "n-gram cache: backoff (the highest order whose context was seen predicts alone) | interpolated (every order, Dirichlet-smoothed towards the next lower one)")
     ngram_dirichlet: float = setting(2.0, "n-gram cache, interpolated: p_k = (c(ctx, v) + D p_(k-1)) / (c(ctx) + D), from a uniform p_0")
+    ngram_alpha_mode: str = setting("entropy", "n-gram mix weight: entropy (the formula of NGRAM_ALPHA_*) | learned (per evidence bin - order of the longest seen context x log2 of its count - the weight of NGRAM_ALPHA_GRID with the best log-likelihood on the targets already scored; 0 until a bin has evidence)")
+    ngram_alpha_grid: str = setting("0,0.02,0.05,0.1,0.2,0.3,0.5,0.7,0.9", "NGRAM_ALPHA_MODE=learned: the candidate weights (the first is used in a bin with no scored target yet)")
     ngram_alpha_base: float = setting(0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))")
     ngram_alpha_scale: float = setting(0.55, "n-gram mix weight: entropy-dependent part")
     ngram_entropy_center: float = setting(4.0, "n-gram mix weight: model entropy (nats) at the sigmoid's midpoint")
@@ -420,6 +422,9 @@ class EvalConfig:
         _require(self.ngram_max_order >= 1 and self.ngram_buckets >= 1, "NGRAM_MAX_ORDER and NGRAM_BUCKETS must be >= 1")
         _require(self.ngram_smoothing in ("backoff", "interpolated"), f"NGRAM_SMOOTHING={self.ngram_smoothing!r}: backoff | interpolated")
         _require(self.ngram_dirichlet > 0, f"NGRAM_DIRICHLET={self.ngram_dirichlet} must be > 0")
+        _require(self.ngram_alpha_mode in ("entropy", "learned"), f"NGRAM_ALPHA_MODE={self.ngram_alpha_mode!r}: entropy | learned")
+        grid = _float_list("NGRAM_ALPHA_GRID", self.ngram_alpha_grid)
+        _require(bool(grid) and all(0.0 <= a < 1.0 for a in grid), f"NGRAM_ALPHA_GRID={self.ngram_alpha_grid!r}: a comma list of weights in [0, 1)")
         _require(0.0 <= self.ngram_alpha_max < 1.0, f"NGRAM_ALPHA_MAX={self.ngram_alpha_max} must be in [0, 1): at 1 a target "
                  "the cache never saw would get probability 0 (infinite loss)")
         orders = self.eval_engram_order_list
@@ -542,11 +547,15 @@ def class_values(name, text):
     return values
 
 
-def _int_list(name, text):
+def _int_list(name, text, kind=int):
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        return tuple(kind(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"{name}={text!r} must be a comma list of integers") from None
+        raise ConfigError(f"{name}={text!r} must be a comma list of {'integers' if kind is int else 'numbers'}") from None
+
+
+def _float_list(name, text):
+    return _int_list(name, text, float)
 
 
 def env_table_markdown():
@@ -3328,6 +3337,7 @@ class NgramCache(EvalHook):
     with H the model's entropy in nats; alpha = 0 where no context was seen."""
 
     PAIR_MULT = 2654435761
+    COUNT_BINS = 8  # NGRAM_ALPHA_MODE=learned: context counts 1, 2-3, 4-7, ..., >= 128
     adjusts = True
 
     def __init__(self, ctx):
@@ -3335,6 +3345,12 @@ class NgramCache(EvalHook):
         self.max_order, self.buckets, self.vocab_size = cfg.ngram_max_order, cfg.ngram_buckets, ctx.vocab_size
         self.alpha = (cfg.ngram_alpha_base, cfg.ngram_alpha_scale, cfg.ngram_entropy_center, cfg.ngram_alpha_max)
         self.interpolated, self.dirichlet = cfg.ngram_smoothing == "interpolated", cfg.ngram_dirichlet
+        self.learned = cfg.ngram_alpha_mode == "learned"
+        if self.learned:  # per evidence bin and candidate weight: log-likelihood of the scored targets (float64)
+            self.grid = torch.tensor(_float_list("NGRAM_ALPHA_GRID", cfg.ngram_alpha_grid), device=ctx.device)
+            self.loglik = torch.zeros(self.max_order * self.COUNT_BINS, len(self.grid), dtype=torch.float64, device=ctx.device)
+            self.pending = torch.zeros_like(self.loglik)  # this chunk's, added at after_chunk
+            self.shared = cfg.ttt_mode == "global" and ctx.run.world_size > 1  # ranks score shares of one chunk
         self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=ctx.device)
         self.pair_counts = torch.zeros_like(self.context_counts)
 
@@ -3353,6 +3369,35 @@ class NgramCache(EvalHook):
 
     def after_chunk(self, ctx, first, end, last):
         self.update(ctx.tokens, torch.arange(first, end, device=ctx.device))
+        if self.learned:
+            self.loglik += all_reduce_sum(self.pending) if self.shared else self.pending
+            self.pending.zero_()
+
+    def evidence_bin(self, tokens, positions):
+        """(N,) bin of the longest seen context at each position: its order index x COUNT_BINS + log2 of its count
+        (capped), -1 where no context was seen."""
+        bins = torch.full_like(positions, -1)
+        for order in range(self.max_order, 0, -1):
+            h, valid = context_hashes(tokens, positions, order - 1, order)
+            count = self.context_counts[order - 1][h % self.buckets]
+            seen = valid & (bins < 0) & (count > 0)
+            level = torch.log2(count.clamp_min(1).float()).floor().long().clamp_max(self.COUNT_BINS - 1)
+            bins = torch.where(seen, (order - 1) * self.COUNT_BINS + level, bins)
+        return bins
+
+    def learned_alpha(self, logp, probs, tokens, positions):
+        """NGRAM_ALPHA_MODE=learned: per position the grid weight with the best log-likelihood of its bin's targets
+        scored in earlier chunks; this batch's targets are added to the bin's pending sums (used from the next
+        chunk on)."""
+        bins = self.evidence_bin(tokens, positions)
+        found = bins >= 0
+        alpha = torch.where(found, self.grid[self.loglik.argmax(-1)][bins.clamp_min(0)], 0.0)
+        targets = tokens[positions][:, None]
+        p_model, p_ngram = logp.gather(1, targets).exp().double(), probs.gather(1, targets).double()
+        grid = self.grid.double()[None, :]
+        loglik = torch.log(((1 - grid) * p_model + grid * p_ngram).clamp_min(1e-300))
+        self.pending.index_add_(0, bins[found], loglik[found])
+        return alpha
 
     def predict(self, tokens, positions):
         """(N, V) n-gram distribution at each position and whether any context was seen (N,)."""
@@ -3384,9 +3429,12 @@ class NgramCache(EvalHook):
     def adjust_logprobs(self, logp, tokens, positions):
         """log((1 - alpha) p_model + alpha p_ngram) over the whole vocabulary (N, V)."""
         probs, found = self.predict(tokens, positions)
-        base, scale, center, most = self.alpha
-        entropy = -(logp.exp() * logp).sum(-1)
-        alpha = ((base + scale * torch.sigmoid(entropy - center)).clamp(0.0, most) * found)[:, None]
+        if self.learned:
+            alpha = self.learned_alpha(logp, probs, tokens, positions)[:, None]
+        else:
+            base, scale, center, most = self.alpha
+            entropy = -(logp.exp() * logp).sum(-1)
+            alpha = ((base + scale * torch.sigmoid(entropy - center)).clamp(0.0, most) * found)[:, None]
         return torch.logaddexp(torch.log1p(-alpha) + logp, torch.log(alpha) + torch.log(probs))
 
 

@@ -1,5 +1,7 @@
 """EVAL stack: the stage table and its one runner, legal TTT, n-gram cache, EvalEngram, temperature, stage order,
 budget skips (projected from the share of windows), the stream stages' shared pass."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -312,6 +314,30 @@ def test_interpolated_ngram_weighs_each_order_by_its_evidence():
     bigram /= 4
     assert bool(found[0]) and torch.allclose(probs[0], bigram, rtol=1e-5, atol=1e-9)
     assert float(probs[0].sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_learned_ngram_weight_comes_only_from_earlier_chunks_and_follows_the_evidence():
+    """NGRAM_ALPHA_MODE=learned: while a chunk is scored its weights come from the log-likelihoods of earlier chunks'
+    targets only (the first chunk: weight 0, the model's log-probs unchanged); a bin whose contexts predicted their
+    targets gets the largest grid weight, and one whose contexts misled gets 0."""
+    ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=1 << 20, NGRAM_MAX_ORDER=2,
+                       NGRAM_ALPHA_MODE="learned")
+    logp = torch.log_softmax(torch.zeros(6, 1024), -1)  # a uniform model
+    good = train_gpt.NgramCache(ctx)
+    tokens = torch.tensor([3, 4] * 12)  # 3 is always followed by 4 and 4 by 3: the bigram contexts predict
+    good.update(tokens, torch.arange(1, 12))
+    positions = torch.arange(12, 18)
+    assert torch.equal(good.adjust_logprobs(logp, tokens, positions), logp)  # nothing learned before after_chunk
+    good.after_chunk(ctx, 12, 12, False)  # no new counts; this chunk's log-likelihoods now count
+    mixed = good.adjust_logprobs(logp, tokens, positions)
+    targets = tokens[positions][:, None]
+    assert bool((mixed.gather(1, targets) > math.log(0.9)).all())  # alpha = 0.9: the largest of the grid
+    bad = train_gpt.NgramCache(ctx)
+    misleading = torch.tensor([3, 4] * 6 + [3, 5] * 6)  # after the first half 3 is followed by 5, never seen after 3
+    bad.update(misleading, torch.arange(1, 12))
+    bad.adjust_logprobs(logp[:2], misleading, torch.tensor([13, 15]))  # targets 5 after 3: the cache says 4
+    bad.after_chunk(ctx, 12, 12, False)
+    assert torch.equal(bad.adjust_logprobs(logp[:1], misleading, torch.tensor([17])), logp[:1])  # alpha = 0 in that bin
 
 
 def test_engram_alpha_and_threshold_come_from_env(tmp_path):
