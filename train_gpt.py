@@ -941,6 +941,12 @@ def check_data_matches_tokenizer(data_path, tokenizer_path, vocab_size):
     meta = json.loads(meta_path.read_text())
     if meta.get("vocab_size") not in (None, vocab_size):
         raise ConfigError(f"{meta_path}: the shards use vocab size {meta['vocab_size']} but VOCAB_SIZE={vocab_size}")
+    import sentencepiece as spm
+    caseops = is_caseops_tokenizer(spm.SentencePieceProcessor(model_file=str(tokenizer_path)))
+    if bool(meta.get("caseops", False)) != caseops:
+        raise ConfigError(f"{meta_path}: caseops:{bool(meta.get('caseops', False))} but TOKENIZER_PATH={tokenizer_path} "
+                          f"{'is' if caseops else 'is not'} a CaseOps tokenizer; tokenize with data/tokenize_corpus.py "
+                          f"{'--caseops ' if caseops else ''}and this tokenizer")
     digest = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
     if meta.get("tokenizer_sha256") not in (None, digest):
         raise ConfigError(f"{meta_path}: the shards were tokenized with {meta.get('tokenizer_path')} (sha256 {meta['tokenizer_sha256'][:12]}) "
@@ -956,10 +962,18 @@ def check_ranks_agree(tokenizer_path, val_tokens, run):
                           "(each node reads its own disk): give every node the same tokenizer and data")
 
 
+CASEOPS_OPERATORS = ("\ue000", "\ue001", "\ue002", "\ue003")  # data/caseops.py's TITLE, UPPER, CHAR, ESC
+
+
+def is_caseops_tokenizer(sp):
+    return all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+
+
 def build_byte_tables(sp, vocab_size):
     """Per-token byte counts. Returns (base_bytes int64, has_leading_space bool, is_boundary bool), each (V,).
 
-    Control, unknown and unused ids are boundaries and count 0 bytes; byte-fallback pieces count 1 byte; any other
+    Control, unknown and unused ids are boundaries and count 0 bytes; byte-fallback pieces count 1 byte; a CaseOps
+    operator piece counts 0 (it stands for a case change, which adds no byte of the original text); any other
     piece counts the UTF-8 bytes of its text without the leading "▁", plus 1 for the "▁" unless the previous token
     is a boundary (that space is the document start, not a byte of the text)."""
     base_bytes = np.zeros(vocab_size, dtype=np.int64)
@@ -973,6 +987,8 @@ def build_byte_tables(sp, vocab_size):
             base_bytes[i] = 1
             continue
         piece = sp.id_to_piece(i)
+        if piece in CASEOPS_OPERATORS:
+            continue
         has_space[i] = piece.startswith("\u2581")
         base_bytes[i] = len((piece[1:] if has_space[i] else piece).encode("utf-8"))
     return torch.from_numpy(base_bytes), torch.from_numpy(has_space), torch.from_numpy(is_boundary)

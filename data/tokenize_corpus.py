@@ -414,6 +414,27 @@ def check_settings(inputs, val_file, val_docs, shard_tokens, workers, max_docs, 
     return input_files
 
 
+def caseops_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import caseops
+    return caseops
+
+
+def check_caseops(processor, tokenizer_path, caseops: bool) -> None:
+    """A CaseOps tokenizer (its operators are pieces) goes with --caseops, and only it."""
+    operators = caseops_module().OPERATORS
+    has_operators = all(processor.piece_to_id(op) != processor.unk_id() for op in operators)
+    if caseops and not has_operators:
+        raise DataError(f"--caseops needs a tokenizer trained on transformed text (python data/caseops.py train-tokenizer); "
+                        f"{tokenizer_path} has no case-operator pieces")
+    if has_operators and not caseops:
+        raise DataError(f"{tokenizer_path} is a CaseOps tokenizer (its pieces hold the case operators): add --caseops")
+
+
+def transformed(documents, transform):
+    return documents if transform is None else (transform(document) for document in documents)
+
+
 def tokenize_corpus(
     inputs,
     tokenizer,
@@ -427,6 +448,7 @@ def tokenize_corpus(
     max_docs: int | None = None,
     max_tokens: int | None = None,
     split_paragraphs: bool = False,
+    caseops: bool = False,
     log: Callable = print,
 ) -> dict:
     """Tokenize ``inputs`` into ``out_dir/fineweb_{train,val}_NNNNNN.bin`` + ``meta.json``; returns the meta dict.
@@ -438,6 +460,8 @@ def tokenize_corpus(
     input_files = check_settings(inputs, val_file, val_docs, shard_tokens, workers, max_docs, max_tokens)
     tokenizer_path = Path(tokenizer).resolve()
     processor = load_tokenizer(tokenizer_path)
+    check_caseops(processor, tokenizer_path, caseops)
+    transform = caseops_module().encode if caseops else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -452,9 +476,9 @@ def tokenize_corpus(
         max_in_flight = 2 * workers + 1
         if val_file is not None:
             val_documents = list(
-                encode_documents(iterate_documents([Path(val_file)], split_paragraphs, log), pool, max_in_flight)
+                encode_documents(transformed(iterate_documents([Path(val_file)], split_paragraphs, log), transform), pool, max_in_flight)
             )
-        train_stream = encode_documents(iterate_documents(input_files, split_paragraphs, log), pool, max_in_flight)
+        train_stream = encode_documents(transformed(iterate_documents(input_files, split_paragraphs, log), transform), pool, max_in_flight)
         first_documents, train_documents = collect_splits(train_stream, val_docs, max_docs, max_tokens)
         train_stream.close()
     finally:
@@ -490,6 +514,7 @@ def tokenize_corpus(
         "max_docs": max_docs,
         "max_tokens": max_tokens,
         "split_paragraphs": split_paragraphs,
+        "caseops": caseops,
         "bos_id": processor.bos_id(),
         "format": "256 x int32 header [20240520, 1, n_tokens, 0...] + n_tokens x uint16; [BOS]+ids per doc, no EOS",
     }
@@ -521,6 +546,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-docs", type=int, default=None, help="cap on train documents")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on train tokens")
     parser.add_argument("--split-paragraphs", action="store_true", help="plain text: one document per paragraph")
+    parser.add_argument("--caseops", action="store_true", help="apply the CaseOps transform (data/caseops.py) before tokenizing")
     return parser.parse_args(argv)
 
 
@@ -539,6 +565,7 @@ def main(argv=None) -> int:
             max_docs=arguments.max_docs,
             max_tokens=arguments.max_tokens,
             split_paragraphs=arguments.split_paragraphs,
+            caseops=arguments.caseops,
         )
     except DataError as error:
         print(f"tokenize_corpus: error: {error}", file=sys.stderr)
