@@ -456,3 +456,27 @@ def test_gpu_check_dry_run_takes_every_measurement_and_summarizes(tmp_path):
         assert f"gpu_check: {name} status:0 proxy reported_stage:sliding" in summary, summary[-2000:]
         assert f"{name} export_cost" in summary
     assert {"env.txt", "layer_bench.txt", "competition.txt", "default.txt", "summary.txt"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_cpu_proxy_summary_reads_each_row_against_the_default_and_the_noise_rule(tmp_path):
+    """--summarize: the default's seeds give the mean and spread; a training variant is read against the mean, an
+    eval-only row (no steps) against its own roundtrip; under 2 x spread it is 'no measurable effect'."""
+    import cpu_proxy
+
+    def row(variant, bpb, roundtrip, steps="400"):
+        values = dict((c, "NA") for c in cpu_proxy.COLUMNS)
+        values.update(variant=variant, reported_bpb=bpb, roundtrip_bpb=roundtrip, steps=steps, env="`X=1`", reported_stage="roundtrip")
+        return "| " + " | ".join(values[c] for c in cpu_proxy.COLUMNS) + " |"
+
+    rows = [row("default", "2.460", "2.460"), row("default", "2.462", "2.462"), row("default (dry-run)", "9", "9"),
+            row("small_win", "2.459", "2.459"), row("big_win", "2.400", "2.400"), row("worse", "2.480", "2.480"),
+            row("eval_stage", "2.450", "2.470", steps="NA")]
+    results = tmp_path / "results.md"
+    results.write_text("# r\n\n" + cpu_proxy.HEADING + "\n\n" + cpu_proxy.HEADER + "\n" + cpu_proxy.SEPARATOR + "\n" + "\n".join(rows) + "\n")
+    lines = cpu_proxy.summarize(cpu_proxy.read_rows(results))
+    assert "mean 2.4610, spread (max - min) 0.0020" in lines[0]
+    verdicts = {line.split(" | ")[0].strip("| "): (line.split(" | ")[5], line.split(" | ")[-1].strip(" |")) for line in lines[4:]}
+    assert verdicts == {"small_win": ("-0.0020", "no measurable effect"), "big_win": ("-0.0610", "better"),
+                        "worse": ("+0.0190", "worse"), "eval_stage": ("-0.0200", "better")}
+    with pytest.raises(cpu_proxy.ProxyError, match="2 seeds"):
+        cpu_proxy.summarize(cpu_proxy.read_rows(results)[2:])

@@ -238,6 +238,51 @@ def append(results, row):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Summary: each row against the default's seeds, with the noise rule of issue 13
+# ---------------------------------------------------------------------------------------------------------
+
+def read_rows(results):
+    """The CPU mini-proxy table of `results` as a list of {column: text} (dry-run rows left out)."""
+    lines = Path(results).read_text(encoding="utf-8").splitlines()
+    if HEADER not in lines:
+        raise ProxyError(f"{results} has no CPU mini-proxy table")
+    rows = []
+    for line in lines[lines.index(HEADER) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        row = dict(zip(COLUMNS, cells))
+        if "dry-run" not in row.get("variant", ""):
+            rows.append(row)
+    return rows
+
+
+def summarize(rows, default="default"):
+    """Markdown lines: the default's mean and spread (max - min over its seeds), then per other row its delta, read
+    as the issue asks: a training variant against the default's mean; an eval-only row (an eval stage on the default's
+    artifact: its roundtrip is that artifact's) against its own roundtrip. |delta| < 2 x spread = no measurable effect."""
+    bpb = lambda row: float(row["reported_bpb"])
+    seeds = [bpb(r) for r in rows if r["variant"] == default]
+    if len(seeds) < 2:
+        raise ProxyError(f"the summary needs >= 2 seeds of '{default}' (bash tools/cpu_proxy.sh --seeds 1337,1338,1339)")
+    mean, spread = sum(seeds) / len(seeds), max(seeds) - min(seeds)
+    lines = [f"default: {len(seeds)} seeds, mean {mean:.4f}, spread (max - min) {spread:.4f}; noise rule: |delta| < "
+             f"{2 * spread:.4f} = no measurable effect", "",
+             "| variant | env | reported_stage | reported_bpb | against | delta_bpb | bytes_total | ms_step | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] == default:
+            continue
+        stage_row = r["steps"] == "NA" and r["roundtrip_bpb"] not in ("NA", "")
+        reference, against = (float(r["roundtrip_bpb"]), "its roundtrip") if stage_row else (mean, "default mean")
+        delta = bpb(r) - reference
+        verdict = "no measurable effect" if abs(delta) < 2 * spread else ("better" if delta < 0 else "worse")
+        lines.append(f"| {r['variant']} | {r['env']} | {r['reported_stage']} | {bpb(r):.4f} | {against} | {delta:+.4f} | "
+                     f"{r['bytes_total']} | {r['ms_step']} | {verdict} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
@@ -257,6 +302,7 @@ def parse_arguments(argv):
     parser.add_argument("--commit", help="commit for the rows (default: git, with -dirty)")
     parser.add_argument("--keep", type=Path, help="keep logs and artifacts in this folder (default: a temp folder)")
     parser.add_argument("--dry-run", action="store_true", help="4 steps on a 40-document slice: tests the tool")
+    parser.add_argument("--summarize", action="store_true", help="print each row of --results against the default's seeds (runs nothing)")
     return parser.parse_args(argv)
 
 
@@ -293,6 +339,9 @@ def command_text(options, name, env, seed):
 
 def main(argv=None):
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
+    if options.summarize:
+        print("\n".join(summarize(read_rows(options.results or DEFAULT_RESULTS))))
+        return 0
     steps = options.steps or (DRY_RUN["steps"] if options.dry_run else STEPS)
     results = options.results or (Path(tempfile.mkdtemp(prefix="cpu_proxy_rows_")) / "results.md" if options.dry_run
                                   else DEFAULT_RESULTS)
