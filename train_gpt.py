@@ -384,7 +384,7 @@ class EvalConfig:
     ngram_buckets: int = setting(4194304, "n-gram cache: hash buckets per order (int32 counts; 2 tables per order)")
     ngram_smoothing: str = setting("backoff", "n-gram cache: backoff (the highest order whose context was seen predicts alone) | interpolated (every order, Dirichlet-smoothed towards the next lower one)")
     ngram_dirichlet: float = setting(2.0, "n-gram cache, interpolated: p_k = (c(ctx, v) + D p_(k-1)) / (c(ctx) + D), from a uniform p_0")
-    ngram_alpha_mode: str = setting("entropy", "n-gram mix weight: entropy (the formula of NGRAM_ALPHA_*) | learned (per evidence bin - order of the longest seen context x log2 of its count - the weight of NGRAM_ALPHA_GRID with the best log-likelihood on the targets already scored; 0 until a bin has evidence)")
+    ngram_alpha_mode: str = setting("learned", "n-gram mix weight: entropy (the formula of NGRAM_ALPHA_*) | learned (per evidence bin - order of the longest seen context x log2 of its count - the weight of NGRAM_ALPHA_GRID with the best log-likelihood on the targets already scored; 0 until a bin has evidence)")
     ngram_alpha_grid: str = setting("0,0.02,0.05,0.1,0.2,0.3,0.5,0.7,0.9", "NGRAM_ALPHA_MODE=learned: the candidate weights (the first is used in a bin with no scored target yet)")
     ngram_alpha_base: float = setting(0.05, "n-gram mix weight alpha = min(MAX, BASE + SCALE * sigmoid(entropy_nats - CENTER))")
     ngram_alpha_scale: float = setting(0.55, "n-gram mix weight: entropy-dependent part")

@@ -262,7 +262,7 @@ def test_cache_lookups_see_only_earlier_chunks(tmp_path, monkeypatch, kind):
 def test_ngram_mixture_is_a_normalized_distribution(smoothing):
     """The mixed log-probs over the whole vocabulary sum to 1 at every position (hash collisions included)."""
     ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=257, NGRAM_MAX_ORDER=3,
-                       NGRAM_ALPHA_BASE=0.3, NGRAM_SMOOTHING=smoothing)
+                       NGRAM_ALPHA_BASE=0.3, NGRAM_SMOOTHING=smoothing, NGRAM_ALPHA_MODE="entropy")
     cache = train_gpt.NgramCache(ctx)
     tokens = torch.randint(0, 50, (400,))
     cache.update(tokens, torch.arange(1, 300))
@@ -275,7 +275,8 @@ def test_ngram_mixture_is_a_normalized_distribution(smoothing):
 def test_ngram_alpha_follows_the_model_entropy():
     """mixed = log((1 - a) p_model + a p_ngram), a = min(MAX, BASE + SCALE sigmoid(H - CENTER)), at two entropies."""
     ctx = eval_context(tiny_model(), torch.zeros(1, dtype=torch.long), FLAT_TABLES, NGRAM_BUCKETS=1 << 20, NGRAM_MAX_ORDER=1,
-                       NGRAM_ALPHA_BASE=0.05, NGRAM_ALPHA_SCALE=0.55, NGRAM_ENTROPY_CENTER=4.0, NGRAM_ALPHA_MAX=0.5)
+                       NGRAM_ALPHA_BASE=0.05, NGRAM_ALPHA_SCALE=0.55, NGRAM_ENTROPY_CENTER=4.0, NGRAM_ALPHA_MAX=0.5,
+                       NGRAM_ALPHA_MODE="entropy")
     cache = train_gpt.NgramCache(ctx)
     tokens = torch.tensor([0, 5, 5, 7, 5, 9, 5, 9])
     positions = torch.tensor([6, 7])

@@ -123,23 +123,25 @@ def test_two_nodes_without_a_shared_disk(tmp_path, own_tokenizer):
 
 @pytest.mark.parametrize("mode, bound", [("global", 1e-7), ("lora", 1e-7)])
 def test_ttt_mode_gives_the_same_bpb_on_one_and_two_ranks(one_and_two_ranks, tmp_path, mode, bound):
-    """EVAL_ONLY on the 2-rank artifact with TTT_MODE=global (every chunk shared by the ranks, gradients summed) or
-    lora (documents dealt to the ranks whole): 1 and 2 ranks report the same ttt BPB. Not bit for bit: global sums
+    """EVAL_ONLY on the 2-rank artifact with TTT_MODE=global (every chunk shared by the ranks, gradients summed; the
+    n-gram stage after it, whose learned weights sum the ranks' evidence) or lora (documents dealt to the ranks whole): 1 and 2 ranks report the same ttt BPB. Not bit for bit: global sums
     the two ranks' float32 gradient shares (an ulp per element per step; measured 4e-10 BPB after the TTT stage
     moved BPB by 0.024); lora batches other documents together, so the padded widths differ (float32 rounding
     only; measured 2.5e-9). The bound, 1e-7, is 40x the larger."""
     two, train_dir = one_and_two_ranks[2]
     run_id = log_values(two, "run ", "run_id")[0]
     artifact = train_dir / "out" / run_id / "final_model.skc"
-    bpb, finals = {}, {}
+    bpb, finals, ngram = {}, {}, {}
     for nproc in (1, 2):
         out_dir = tmp_path / f"eval{nproc}"
         env = trainer_env(one_and_two_ranks["data"], one_and_two_ranks["tokenizer"], out_dir, **OPTIONS, EVAL_ONLY=1,
-                          ARTIFACT=artifact, TTT_MODE=mode, TTT_EPOCHS=2)
+                          ARTIFACT=artifact, TTT_MODE=mode, TTT_EPOCHS=2, NGRAM_BUCKETS=65536, NGRAM_CACHE_ENABLED=int(mode == "global"))
         result = run_trainer(env, nproc=nproc, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         bpb[nproc] = float(log_values(result.stdout, "eval stage:ttt", "val_bpb")[0])
+        ngram[nproc] = [float(v) for v in log_values(result.stdout, "eval stage:ngram", "val_bpb")]
         finals[nproc] = float(log_values(result.stdout, "eval stage:roundtrip", "val_bpb")[0])
     assert finals[1] == pytest.approx(finals[2], rel=1e-9)  # float64 sums of the windows, grouped per rank
     assert bpb[1] == pytest.approx(bpb[2], abs=bound)
+    assert ngram[1] == pytest.approx(ngram[2], abs=bound) and len(ngram[1]) == int(mode == "global")  # learned weights shared
     assert finals[1] != pytest.approx(bpb[1], abs=1e-4), "TTT changed nothing"
