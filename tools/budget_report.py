@@ -3,7 +3,9 @@ scales of trained weights have the same sizes), the built submission's code byte
 The payload of the initial weights is NOT a bound: zero-initialized output projections pack and compress to
 almost nothing; the predicted line (estimate_artifact_bytes, zero-init matrices made random) is the one to read.
 
-    python tools/budget_report.py --config best_known_competition.env [--compress]
+    python tools/budget_report.py --config best_known_competition.env [--compress] [KEY=VALUE ...]
+
+KEY=VALUE pairs override the file (e.g. QUANT_ATTN=int6 NUM_LAYERS=11), to size a variant before writing it down.
 """
 import argparse
 import lzma
@@ -20,8 +22,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "best_known_competition.env"))
     parser.add_argument("--compress", action="store_true", help="also lzma-compress the initial weights (slow)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings over the file's")
     args = parser.parse_args()
-    config = train_gpt.Config.from_env(read_env_file(args.config))
+    env = read_env_file(args.config)
+    for pair in args.overrides:
+        key, equals, value = pair.partition("=")
+        if not equals:
+            parser.error(f"{pair!r} is not KEY=VALUE")
+        env[key] = value
+    config = train_gpt.Config.from_env(env)
     model = train_gpt.GPT(config.model)
     train_gpt.round_scalars_to_fp16(model)  # as the trainer does before export
     payload = train_gpt.serialize_model(model)
