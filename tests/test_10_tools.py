@@ -480,3 +480,15 @@ def test_cpu_proxy_summary_reads_each_row_against_the_default_and_the_noise_rule
                         "worse": ("+0.0190", "worse"), "eval_stage": ("-0.0200", "better")}
     with pytest.raises(cpu_proxy.ProxyError, match="2 seeds"):
         cpu_proxy.summarize(cpu_proxy.read_rows(results)[2:])
+
+
+def test_budget_report_sizes_a_variant_given_as_overrides():
+    """KEY=VALUE pairs override the config file: a 2-layer model is reported with its own parameter count."""
+    small = ["NUM_LAYERS=2", "MODEL_DIM=128", "EMBED_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "MLP_MULT=2"]
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "budget_report.py"), *small], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    # per layer: q 128x128, k and v 128x64, out 128x128, MLP 2 x 128x256 -> 114,688 ternary weights
+    assert "parameters: ternary 229,376," in run.stdout and "predicted artifact" in run.stdout
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "budget_report.py"), "NUM_LAYERS"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr
