@@ -1443,6 +1443,7 @@ class Context:
     carry: object = None   # capsule-bank state of earlier, already-scored windows in; the bank writes the new one
     sketch: object = None  # feedback sketch of the encoder output, read by the decoder layers
     first_value: torch.Tensor = None  # VRL: the first attention layer's values (B, T, KV, hd)
+    doc_mask: torch.Tensor = None  # DOC_ISOLATION: document_mask of the input, built once per forward for every layer
     lora: dict = None  # TTT_MODE=lora: {(module id, "q" | "v" | "proj"): (A (B, in, r), B (B, r, out))} per sequence
 
 
@@ -1565,7 +1566,6 @@ class CausalSelfAttention(nn.Module):
         self.vrl = bool(cfg.vrl_enabled)
         mixes_first_value = self.vrl and layer_index >= cfg.vrl_start_layer
         self.vrl_lambda = tag(nn.Parameter(torch.full((), 0.5)), "scalar") if mixes_first_value else None
-        self.doc_isolation = bool(cfg.doc_isolation)
         gate_inputs = {"off": 0, "full": d, "sparse": min(cfg.attn_gate_dims, d)}[cfg.attn_gate]
         self.output_gate = tag(nn.Parameter(torch.zeros(cfg.num_heads, gate_inputs)), "scalar") if gate_inputs else None
 
@@ -1579,7 +1579,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin, temperature = ctx.rope
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         q = q * (self.q_gain * temperature).to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, document_mask(ctx.input_ids) if self.doc_isolation else None)
+        y = causal_attention(q, k, v, ctx.doc_mask)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.output_gate is not None:  # ATTN_GATE: per-head sigmoid gate of the head's output, from x (or its first dims)
@@ -2247,7 +2247,8 @@ class GPT(nn.Module):
         return x
 
     def run_layers(self, input_ids, carry, lora=None):
-        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress, carry, lora=lora)
+        ctx = Context(input_ids, self.rope(input_ids.size(1), input_ids.device), [], self.progress, carry, lora=lora,
+                      doc_mask=document_mask(input_ids) if self.cfg.doc_isolation else None)
         x = F.embedding(input_ids, self.tok_emb.effective_weight())
         if self.smear is not None:
             x = self.smear(x, input_ids)
@@ -2293,10 +2294,15 @@ class GPT(nn.Module):
             x = block(x, x0, ctx, scales)
         return x
 
-    def logits(self, hidden, head_lora=None):
-        """Soft-capped tied-head logits (fp32); `head_lora` (A (B, e, r), B (B, r, V)) adds a per-sequence update."""
+    def head_input(self, hidden):
+        """The final hidden states in the embedding's width (through EMBED_DIM's output projection when factorized)."""
         if self.embed_out is not None:
             hidden = F.linear(hidden, self.embed_out.effective_weight().to(hidden.dtype))
+        return hidden
+
+    def logits(self, hidden, head_lora=None):
+        """Soft-capped tied-head logits (fp32); `head_lora` (A (B, e, r), B (B, r, V)) adds a per-sequence update."""
+        hidden = self.head_input(hidden)
         logits = F.linear(hidden, self.tok_emb.effective_weight().to(hidden.dtype))
         if head_lora is not None:
             logits = logits + torch.bmm(torch.bmm(hidden, head_lora[0].to(hidden.dtype)), head_lora[1].to(hidden.dtype))
@@ -2313,8 +2319,7 @@ class GPT(nn.Module):
         the NLL in row chunks recomputed in backward, so the (tokens, vocab) fp32 logits never exist at once."""
         hidden, aux_losses = self.hidden(input_ids)
         if self.cfg.fused_ce:
-            if self.embed_out is not None:
-                hidden = F.linear(hidden, self.embed_out.effective_weight().to(hidden.dtype))
+            hidden = self.head_input(hidden)
             head = self.tok_emb.effective_weight().to(hidden.dtype)
             loss = chunked_softcap_cross_entropy(hidden, head, target_ids, self.cfg.logit_softcap, self.cfg.softcap_type)
         else:
@@ -3088,7 +3093,7 @@ def collect_hessians(model, targets, tokens, seq_len, batch_seqs):
             with autocast(device):
                 hidden = model.hidden(x[i:i + batch_seqs])[0]
             if "tok_emb" in targets:
-                head_in = F.linear(hidden, model.embed_out.effective_weight().to(hidden.dtype)) if model.embed_out is not None else hidden
+                head_in = model.head_input(hidden)
                 head_in = head_in.float().reshape(-1, head_in.size(-1))
                 hessians["tok_emb"].add_(head_in.T @ head_in)
     finally:
@@ -3309,6 +3314,12 @@ def score_batch(ctx, windows, temperature=1.0, adjusters=()):
     return totals
 
 
+def stream_ranks(ctx):
+    """The ranks that share the work of each chunk of a stream pass: all of them with TTT_MODE=global (every rank
+    walks every chunk), else this rank alone (TTT_MODE=segments: each rank streams its own segment)."""
+    return ctx.run if ctx.cfg.ttt_mode == "global" else Dist(device=ctx.device)
+
+
 class EvalHook:
     """A stream stage's hook. Per chunk k of num_chunks (targets [first, end)): before_chunk, then the chunk is
     scored (each batch's log-probs go through adjust_logprobs when `adjusts`), then after_chunk (the only place a
@@ -3366,7 +3377,7 @@ class NgramCache(EvalHook):
             self.grid = torch.tensor(_float_list("NGRAM_ALPHA_GRID", cfg.ngram_alpha_grid), device=ctx.device)
             self.loglik = torch.zeros(self.max_order * self.COUNT_BINS, len(self.grid), dtype=torch.float64, device=ctx.device)
             self.pending = torch.zeros_like(self.loglik)  # this chunk's, added at after_chunk
-            self.shared = cfg.ttt_mode == "global" and ctx.run.world_size > 1  # ranks score shares of one chunk
+            self.shared = stream_ranks(ctx).world_size > 1  # ranks score shares of one chunk: sum their evidence
         self.context_counts = torch.zeros(self.max_order, self.buckets, dtype=torch.int32, device=ctx.device)
         self.pair_counts = torch.zeros_like(self.context_counts)
 
@@ -3559,7 +3570,7 @@ class TestTimeTrainer(EvalHook):
             p.requires_grad_(id(p) in chosen)
             p.grad = None
         self.optimizer = torch.optim.SGD(self.params, lr=self.cfg.ttt_lr, momentum=self.cfg.ttt_momentum)
-        self.run = ctx.run if self.cfg.ttt_mode == "global" else Dist(device=ctx.device)  # whom a step's work is split over
+        self.run = stream_ranks(ctx)  # whom a step's work is split over
         self.first_target = None
 
     def before_chunk(self, ctx, k, num_chunks, first, end):
@@ -3681,7 +3692,7 @@ def score_stream(ctx, stages, windows, temperature, within_budget=None, observer
     rows = [sum(hook.adjusts for hook in hooks[:i + 1]) for i in range(len(hooks))]
     chunks = chunk_windows(windows, stream_chunk_tokens(ctx.cfg, windows))
     batch = batch_size(ctx, stage_stride(ctx, stages[0]))
-    split = ctx.run if ctx.cfg.ttt_mode == "global" else Dist(device=ctx.device)  # global: ranks share each chunk
+    split = stream_ranks(ctx)
     totals = torch.zeros(1 + len(adjusters), 3, dtype=torch.float64, device=ctx.device)
     try:
         for k, chunk in enumerate(chunks):
@@ -4282,7 +4293,7 @@ def check_budget(label, model_bytes, code_bytes, log, note=""):
     log(kv("budget", check=label, bytes_model=model_bytes, bytes_code=code_bytes, bytes_total=total, limit=BUDGET_BYTES))
     if total > BUDGET_BYTES:
         raise ConfigError(f"{label}: {total:,} bytes (model {model_bytes:,} + code {code_bytes:,}) exceeds the "
-                          f"{BUDGET_BYTES:,}-byte limit; shrink NUM_LAYERS / MODEL_DIM / MLP_MULT / VOCAB_SIZE or use FP_STORAGE=fp8{note}")
+                          f"{BUDGET_BYTES:,}-byte limit; shrink NUM_LAYERS / MODEL_DIM / MLP_MULT / VOCAB_SIZE or use QUANT_EMBED=fp8{note}")
 
 
 def prepare_model(model, run_cfg, run):
